@@ -1,0 +1,736 @@
+"""Load a policy directory: located YAML → validated models → checked references → Policy.
+
+Every problem of the directory is collected in one pass and raised together as a
+:class:`~gridflow.errors.DefinitionError` whose lines read ``path:line:col: message``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import types
+import typing
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import date, time, timedelta
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from gridflow import analysis
+from gridflow.calendar import BusinessCalendar, CalendarYear
+from gridflow.compiler import CompiledRules, RuleSpec, TableSpec, check_regex
+from gridflow.conditions import AllOf, Cond, LowerContext, lower_when
+from gridflow.errors import CaseValidationError, DefinitionError, Problem, suggest
+from gridflow.registry import DEFAULT_CHANNELS, CategoryInfo, DepartmentInfo, Registry, UnitInfo
+from gridflow.routing import RouteRule, Router, validate_case
+from gridflow.schema import (
+    AttributeDef,
+    CalendarSpec,
+    Category,
+    Department,
+    Organisation,
+    Outcome,
+    PolicyFile,
+    PolicyMeta,
+    Routing,
+    Rule,
+    RuleTest,
+    Table,
+    Unit,
+)
+from gridflow.yamlsrc import Limits, Located, read_yaml
+
+__all__ = ["LoadedTest", "PolicySource", "load_policy", "read_sources"]
+
+YPath = tuple[str | int, ...]
+DEFAULT_LEVELS = ("district", "street", "community", "grid")
+
+
+@dataclass
+class PolicySource:
+    """The raw, validated files of a policy directory (before cross-checks)."""
+
+    root: Path
+    files: list[tuple[Located, PolicyFile]]
+    version: str
+    problems: list[Problem] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class LoadedTest:
+    name: str
+    source: str
+    case: Any  # CaseIn
+    expect: Any  # Expectation
+
+
+# --- reading and schema validation --------------------------------------------------------
+
+
+def _yaml_files(root: Path) -> list[Path]:
+    if root.is_file():
+        return [root]
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.endswith((".yaml", ".yml")) and not name.startswith("."):
+                found.append(Path(dirpath) / name)
+    return sorted(found)
+
+
+def _model_at(model: type[BaseModel], path: YPath) -> type[BaseModel] | None:
+    """The pydantic model that describes the mapping at ``path`` (for key suggestions)."""
+    current: Any = model
+    for part in path:
+        current = _unwrap_model(current)
+        if current is None:
+            return None
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            if isinstance(part, int):
+                return None
+            fld = next(
+                (f for n, f in current.model_fields.items() if (f.alias or n) == part or n == part),
+                None,
+            )
+            if fld is None:
+                return None
+            current = fld.annotation
+        elif isinstance(part, int) or isinstance(part, str):
+            current = _element(current)
+    unwrapped = _unwrap_model(current)
+    return unwrapped if isinstance(unwrapped, type) and issubclass(unwrapped, BaseModel) else None
+
+
+def _element(tp: Any) -> Any:
+    args = typing.get_args(tp)
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple) and args:
+        return args[0]
+    if origin is dict and len(args) == 2:
+        return args[1]
+    return None
+
+
+def _unwrap_model(tp: Any) -> Any:
+    """Strip Optional/Annotated/Union to the single model or container inside."""
+    if tp is None:
+        return None
+    origin = typing.get_origin(tp)
+    if origin is typing.Annotated:
+        return _unwrap_model(typing.get_args(tp)[0])
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        models = [a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)]
+        containers = [a for a in inner if typing.get_origin(a) in (list, dict)]
+        if models:
+            return models[0]
+        if containers:
+            return containers[0]
+        return inner[0] if inner else None
+    return tp
+
+
+def _model_keys(model: type[BaseModel]) -> list[str]:
+    return [f.alias or n for n, f in model.model_fields.items()]
+
+
+def _navigable(data: Any, loc: Iterable[Any]) -> YPath:
+    """The prefix of a pydantic error location that walks through the actual data."""
+    out: list[str | int] = []
+    current = data
+    for part in loc:
+        if isinstance(current, dict) and isinstance(part, str) and part in current:
+            out.append(part)
+            current = current[part]
+        elif isinstance(current, list) and isinstance(part, int) and 0 <= part < len(current):
+            out.append(part)
+            current = current[part]
+        elif isinstance(current, dict) and isinstance(part, str | int) and str(part) in current:
+            out.append(str(part))
+            current = current[str(part)]
+    return tuple(out)
+
+
+def _schema_problems(located: Located, exc: ValidationError, prefix: YPath = ()) -> list[Problem]:
+    grouped: dict[YPath, list[dict[str, Any]]] = {}
+    for err in exc.errors():
+        real = _navigable(located.data, (*prefix, *err["loc"]))
+        grouped.setdefault(real, []).append(dict(err))
+    # keep only the deepest paths: an error at a.b hides union noise at a
+    paths = list(grouped)
+    keep = [p for p in paths if not any(q != p and q[: len(p)] == p for q in paths)]
+    problems = []
+    for p in keep:
+        errs = grouped[p]
+        extra = [e for e in errs if e["type"] == "extra_forbidden"]
+        if extra:
+            key = p[-1] if p else "?"
+            parent = _model_at(PolicyFile, p[:-1])
+            hint = suggest(str(key), _model_keys(parent)) if parent else None
+            allowed = f" (allowed: {', '.join(_model_keys(parent))})" if parent and not hint else ""
+            problems.append(located.problem(p, f"unknown key '{key}'{allowed}", key=True,
+                                            suggestion=hint))
+            continue
+        missing = [e for e in errs if e["type"] == "missing"]
+        if missing:
+            names = sorted({str(e["loc"][-1]) for e in missing})
+            problems.append(located.problem(p, f"missing required key(s): {', '.join(names)}"))
+            continue
+        messages: list[str] = []
+        for e in errs:
+            msg = str(e["msg"]).removeprefix("Value error, ")
+            if msg not in messages:
+                messages.append(msg)
+        where = ".".join(str(x) for x in p) or "file"
+        problems.append(located.problem(p, f"{where}: " + " or ".join(messages[:3])))
+    return problems
+
+
+_ITEM_MODELS: dict[str, type[BaseModel]] = {
+    "departments": Department,
+    "categories": Category,
+    "attributes": AttributeDef,
+    "tests": RuleTest,
+}
+
+
+def _validate(model: type[BaseModel], value: Any, located: Located, path: YPath,
+              problems: list[Problem]) -> Any:
+    try:
+        return model.model_validate(value)
+    except ValidationError as exc:
+        problems += _schema_problems(located, exc, path)
+        return None
+
+
+def _salvage(located: Located) -> tuple[PolicyFile, list[Problem]]:
+    """Validate a failing file piece by piece, keeping every valid item in place.
+
+    Invalid list items become ``None`` (indices keep matching the YAML), so the
+    cross-file checks still run on the rest and report their problems in the same pass.
+    """
+    problems: list[Problem] = []
+    fields: dict[str, Any] = {}
+    data: dict[str, Any] = located.data
+    for key, value in data.items():
+        if key not in PolicyFile.model_fields:
+            problems += _schema_problems(
+                located, ValidationError.from_exception_data(
+                    "PolicyFile", [{"type": "extra_forbidden", "loc": (key,), "input": value}]))
+            continue
+        if key in _ITEM_MODELS and isinstance(value, list):
+            fields[key] = [_validate(_ITEM_MODELS[key], item, located, (key, i), problems)
+                           for i, item in enumerate(value)]
+        elif key == "routing" and isinstance(value, dict):
+            fields[key] = _salvage_routing(located, value, problems)
+        else:
+            part = _validate(PolicyFile, {key: value}, located, (), problems)
+            if part is not None:
+                fields[key] = getattr(part, key)
+    return PolicyFile.model_construct(**fields), problems
+
+
+def _salvage_routing(located: Located, value: dict[str, Any], problems: list[Problem]) -> Routing:
+    header = {k: v for k, v in value.items() if k != "tables"}
+    routing = _validate(Routing, header, located, ("routing",), problems)
+    tables: list[Table | None] = []
+    raw_tables = value.get("tables", [])
+    if not isinstance(raw_tables, list):
+        _validate(Routing, {"tables": raw_tables}, located, ("routing",), problems)
+        raw_tables = []
+    for t_i, raw in enumerate(raw_tables):
+        tpath: YPath = ("routing", "tables", t_i)
+        if not isinstance(raw, dict) or not isinstance(raw.get("rules", []), list):
+            tables.append(_validate(Table, raw, located, tpath, problems))
+            continue
+        head = _validate(Table, {**raw, "rules": []}, located, tpath, problems)
+        rules = [_validate(Rule, r, located, (*tpath, "rules", r_i), problems)
+                 for r_i, r in enumerate(raw.get("rules", []))]
+        tables.append(None if head is None else Table.model_construct(
+            id=head.id, description=head.description, hit=head.hit, rules=rules))
+    default = routing.default if routing is not None else None
+    return Routing.model_construct(default=default, tables=tables)
+
+
+def read_sources(root: str | os.PathLike[str], limits: Limits | None = None) -> PolicySource:
+    """Read and schema-validate every rule file under ``root`` (no cross-file checks)."""
+    base = Path(root)
+    problems: list[Problem] = []
+    files: list[tuple[Located, PolicyFile]] = []
+    digest = hashlib.sha256()
+    if not base.exists():
+        raise DefinitionError([Problem(str(base), 1, 1, "policy directory does not exist")])
+    paths = _yaml_files(base)
+    if not paths:
+        raise DefinitionError([Problem(str(base), 1, 1, "no *.yaml rule files found")])
+    for path in paths:
+        display = os.path.relpath(path) if not path.is_absolute() else str(path)
+        display = str(path) if display.startswith("..") else display
+        raw = path.read_bytes()
+        rel = path.relative_to(base).as_posix() if base.is_dir() else path.name
+        digest.update(rel.encode() + b"\0" + raw + b"\0")
+        located, found = read_yaml(display, raw, limits)
+        problems += found
+        if found:
+            continue
+        if located.data is None or located.data == {}:
+            continue
+        if not isinstance(located.data, dict):
+            problems.append(located.problem((), "a rule file must be a mapping of sections"))
+            continue
+        try:
+            model = PolicyFile.model_validate(located.data)
+        except ValidationError:
+            model, found = _salvage(located)
+            problems += found
+        files.append((located, model))
+    return PolicySource(base, files, digest.hexdigest()[:16], problems)
+
+
+# --- cross-file assembly ------------------------------------------------------------------
+
+
+class _Builder:
+    def __init__(self, source: PolicySource, today: date | None):
+        self.source = source
+        self.today = today
+        self.problems: list[Problem] = list(source.problems)
+        self.singletons: dict[str, tuple[Located, Any]] = {}
+        self.incomplete = bool(source.problems)
+
+    def err(self, located: Located, path: YPath, message: str, *, key: bool = False,
+            suggestion: str | None = None, severity: str = "error") -> None:
+        self.problems.append(located.problem(path, message, key=key, suggestion=suggestion,
+                                             severity=severity))
+
+    def single(self, name: str, value: Any, located: Located, path: YPath) -> None:
+        if value is None:
+            return
+        if name in self.singletons:
+            other, _ = self.singletons[name]
+            line, _col = other.where(path, key=True)
+            self.err(located, path, f"'{name}' is already defined in {other.path}:{line}",
+                     key=True)
+            return
+        self.singletons[name] = (located, value)
+
+    # organisation ------------------------------------------------------------------------
+
+    def registry(self) -> Registry | None:
+        for located, model in self.source.files:
+            self.single("policy", model.policy, located, ("policy",))
+            self.single("organisation", model.organisation, located, ("organisation",))
+            self.single("calendar", model.calendar, located, ("calendar",))
+            if model.routing is not None:
+                self.single("routing.default", model.routing.default, located,
+                            ("routing", "default"))
+        if "organisation" not in self.singletons:
+            first = self.source.files[0][0] if self.source.files else None
+            if first is not None:
+                self.err(first, (), "no 'organisation' section in any rule file")
+            else:
+                self.problems.append(Problem(str(self.source.root), 1, 1,
+                                             "no 'organisation' section in any rule file"))
+            return None
+        org_loc, org = self.singletons["organisation"]
+        org = typing.cast(Organisation, org)
+        levels = tuple(lv.id for lv in org.levels) or DEFAULT_LEVELS
+        if len(set(levels)) != len(levels):
+            self.err(org_loc, ("organisation", "levels"), "duplicate level ids")
+        tiers = tuple(org.tiers) if org.tiers else tuple(reversed(levels))
+        if org.tiers and len(set(tiers)) != len(tiers):
+            self.err(org_loc, ("organisation", "tiers"), "duplicate tiers")
+        units: dict[str, UnitInfo] = {}
+
+        def add_unit(u: Unit, path: YPath, parent: UnitInfo | None) -> None:
+            if u.level not in levels:
+                self.err(org_loc, (*path, "level"), f"unknown level '{u.level}'",
+                         suggestion=suggest(u.level, levels))
+                return
+            expected = 0 if parent is None else levels.index(parent.level) + 1
+            if levels.index(u.level) != expected and parent is not None:
+                self.err(org_loc, (*path, "level"),
+                         f"unit '{u.id}' is a '{u.level}' inside '{parent.level}' "
+                         f"'{parent.id}'; expected level '{levels[expected] if expected < len(levels) else '-'}'")
+            if u.id in units:
+                self.err(org_loc, (*path, "id"), f"duplicate unit id '{u.id}'")
+                return
+            ancestry = dict(parent.ancestry) if parent else {}
+            ancestry[u.level] = u.id
+            info = UnitInfo(u.id, u.name, u.level, parent.id if parent else None, ancestry,
+                            tuple(c.id for c in u.children))
+            units[u.id] = info
+            for i, child in enumerate(u.children):
+                add_unit(child, (*path, "children", i), info)
+
+        for i, u in enumerate(org.units):
+            add_unit(u, ("organisation", "units", i), None)
+
+        departments: dict[str, DepartmentInfo] = {}
+        categories: dict[str, CategoryInfo] = {}
+        attributes: dict[str, str] = {}
+        attribute_values: dict[str, tuple[Any, ...] | None] = {}
+        self.locations: dict[tuple[str, str], tuple[Located, YPath]] = {}
+        for located, model in self.source.files:
+            for i, d in enumerate(model.departments or []):
+                path: YPath = ("departments", i)
+                if d is None:
+                    continue
+                if d.id in departments:
+                    self.err(located, (*path, "id"), f"duplicate department id '{d.id}'")
+                    continue
+                if d.tier not in tiers:
+                    self.err(located, (*path, "tier"), f"unknown tier '{d.tier}'",
+                             suggestion=suggest(d.tier, tiers))
+                if d.unit is not None and d.unit not in units:
+                    self.err(located, (*path, "unit"), f"unknown unit '{d.unit}'",
+                             suggestion=suggest(d.unit, units))
+                pools = [p.id for p in d.pools]
+                if len(set(pools)) != len(pools):
+                    self.err(located, (*path, "pools"), "duplicate pool ids")
+                departments[d.id] = DepartmentInfo(d.id, d.name, d.tier, d.unit, tuple(pools),
+                                                   d.name_en)
+                self.locations[("department", d.id)] = (located, path)
+            for i, c in enumerate(model.categories or []):
+                if c is None:
+                    continue
+                self._add_category(located, c, ("categories", i), None, None, "normal", None,
+                                   categories)
+            for i, a in enumerate(model.attributes or []):
+                if a is None:
+                    continue
+                if a.name in attributes:
+                    self.err(located, ("attributes", i, "name"),
+                             f"duplicate attribute '{a.name}'")
+                    continue
+                attributes[a.name] = a.type
+                attribute_values[a.name] = tuple(a.values) if a.values is not None else None
+        meta = typing.cast(PolicyMeta | None, self.singletons.get("policy", (None, None))[1])
+        channels = tuple(meta.channels) if meta and meta.channels else DEFAULT_CHANNELS
+        if not categories:
+            self.err(self.source.files[0][0], (), "no categories defined in any rule file")
+        return Registry(
+            levels=levels,
+            level_names={lv.id: lv.name or lv.id for lv in org.levels},
+            tiers=tiers,
+            units=units,
+            departments=departments,
+            categories=categories,
+            attributes=attributes,
+            attribute_values=attribute_values,
+            channels=channels,
+            timezone=org.timezone,
+            name=meta.name if meta else (org.name or self.source.root.name),
+        )
+
+    def _add_category(self, located: Located, c: Category, path: YPath, parent: str | None,
+                      group: str | None, urgency: str, limit: Any,
+                      out: dict[str, CategoryInfo]) -> None:
+        if c.code in out:
+            self.err(located, (*path, "code"), f"duplicate category code '{c.code}'")
+            return
+        urgency = c.urgency or urgency
+        limit = c.time_limit if c.time_limit is not None else limit
+        if isinstance(c.time_limit, dict) and "normal" not in c.time_limit:
+            self.err(located, (*path, "time_limit"), "a time limit by urgency must give 'normal'")
+        out[c.code] = CategoryInfo(c.code, c.name, parent, group or c.code, urgency, limit, c.kind)
+        self.locations[("category", c.code)] = (located, path)
+        for i, child in enumerate(c.children):
+            self._add_category(located, child, (*path, "children", i), c.code, group or c.code,
+                               urgency, limit, out)
+
+    # calendar ----------------------------------------------------------------------------
+
+    def calendar(self, reg: Registry) -> BusinessCalendar | None:
+        located, spec = self.singletons.get("calendar", (None, None))
+        spec = typing.cast(CalendarSpec, spec) if spec is not None else CalendarSpec()
+        periods: list[tuple[time, time]] = []
+        for i, text in enumerate(spec.working_hours):
+            start_s, end_s = text.split("-")
+            try:
+                periods.append((time.fromisoformat(start_s.zfill(5)),
+                                time.fromisoformat(end_s.zfill(5))))
+            except ValueError as exc:
+                if located:
+                    self.err(located, ("calendar", "working_hours", i), f"bad time: {exc}")
+                return None
+        years = []
+        for year, ys in sorted(spec.years.items()):
+            holidays: dict[date, str] = {}
+            for span in ys.holidays:
+                end = span.end or span.start
+                day = span.start
+                while day <= end:
+                    holidays[day] = span.name
+                    day += timedelta(days=1)
+            try:
+                years.append(CalendarYear(year, holidays, frozenset(ys.workdays)))
+            except ValueError as exc:
+                if located:
+                    self.err(located, ("calendar", "years", str(year)), str(exc))
+        try:
+            cal = BusinessCalendar(timezone=reg.timezone, working_periods=periods,
+                                   years=years, closures=spec.closures)
+        except (ValueError, KeyError) as exc:
+            if located:
+                self.err(located, ("calendar",), f"invalid calendar: {exc}")
+            else:
+                self.problems.append(Problem(str(self.source.root), 1, 1,
+                                             f"invalid calendar: {exc}"))
+            return None
+        if self.today is not None:
+            left = cal.days_until_uncovered(self.today)
+            if left <= 60:
+                target, path = (located, ("calendar",)) if located else (
+                    self.source.files[0][0], ())
+                self.err(target, path,
+                         f"holiday data ends on {cal.last_covered_day} ({left} days from "
+                         f"{self.today}); add the next year under calendar.years",
+                         severity="warning")
+        return cal
+
+    # routing -----------------------------------------------------------------------------
+
+    def outcome(self, reg: Registry, located: Located, o: Outcome, path: YPath) -> None:
+        def dept(d: str, p: YPath) -> None:
+            if d not in reg.departments:
+                self.err(located, p, f"unknown department '{d}'",
+                         suggestion=suggest(d, reg.departments))
+
+        dept(o.lead, (*path, "lead"))
+        for i, d in enumerate(o.assist):
+            dept(d, (*path, "assist", i))
+        for i, d in enumerate(o.summon):
+            dept(d, (*path, "summon", i))
+        if o.tier is not None and o.tier not in reg.tiers:
+            self.err(located, (*path, "tier"), f"unknown tier '{o.tier}'",
+                     suggestion=suggest(o.tier, reg.tiers))
+        if o.pool is not None and o.lead in reg.departments:
+            pools = reg.departments[o.lead].pools
+            if o.pool not in pools:
+                self.err(located, (*path, "pool"),
+                         f"'{o.pool}' is not a pool of department '{o.lead}'"
+                         + (f" (pools: {', '.join(pools)})" if pools else " (it has no pools)"),
+                         suggestion=suggest(o.pool, pools))
+        if isinstance(o.time_limit, dict) and "normal" not in o.time_limit:
+            self.err(located, (*path, "time_limit"), "a time limit by urgency must give 'normal'")
+        for i, n in enumerate(o.notify):
+            npath = (*path, "notify", i)
+            if n.broadcast is None and n.department is None:
+                self.err(located, npath, "notify needs 'broadcast' or 'department'")
+            for key, value in (("broadcast", n.broadcast), ("within", n.within)):
+                if value is not None and value not in reg.levels:
+                    self.err(located, (*npath, key), f"unknown level '{value}'",
+                             suggestion=suggest(value, reg.levels))
+            if n.department is not None:
+                dept(n.department, (*npath, "department"))
+
+    def routing(self, reg: Registry) -> tuple[list[TableSpec], list[list[RouteRule]]]:
+        ctx = LowerContext(
+            levels=reg.levels,
+            units_by_level={lv: frozenset(reg.units_at(lv)) for lv in reg.levels},
+            categories=frozenset(reg.categories),
+            channels=frozenset(reg.channels),
+            attributes=reg.attributes,
+            attribute_values=reg.attribute_values,
+            check_regex=check_regex,
+        )
+        specs: list[TableSpec] = []
+        rules: list[list[RouteRule]] = []
+        table_ids: dict[str, str] = {}
+        rule_ids: dict[str, str] = {}
+        self.rule_locs: list[list[tuple[Located, YPath]]] = []
+        for located, model in self.source.files:
+            if model.routing is None:
+                continue
+            if model.routing.default is not None:
+                self.outcome(reg, located, model.routing.default, ("routing", "default"))
+            for t_i, table in enumerate(model.routing.tables):
+                tpath: YPath = ("routing", "tables", t_i)
+                if table is None:
+                    self.incomplete = True
+                    continue
+                if table.id in table_ids:
+                    self.err(located, (*tpath, "id"),
+                             f"duplicate table id '{table.id}' (first in {table_ids[table.id]})")
+                table_ids.setdefault(table.id, located.path)
+                t_specs: list[RuleSpec] = []
+                t_rules: list[RouteRule] = []
+                t_locs: list[tuple[Located, YPath]] = []
+                for r_i, rule in enumerate(table.rules):
+                    rpath: YPath = (*tpath, "rules", r_i)
+                    if rule is None:
+                        self.incomplete = True
+                        continue
+                    line, _ = located.where(rpath)
+                    where = f"{located.path}:{line}"
+                    if rule.id in rule_ids:
+                        self.err(located, (*rpath, "id"),
+                                 f"duplicate rule id '{rule.id}' (first at {rule_ids[rule.id]})")
+                        continue
+                    rule_ids[rule.id] = where
+                    self.outcome(reg, located, rule.then, (*rpath, "then"))
+
+                    def report(p: YPath, msg: str, hint: str | None, located: Located = located,
+                               ) -> None:
+                        self.err(located, p, msg, suggestion=hint)
+
+                    cond = lower_when(rule.when, ctx, report, (*rpath, "when"))
+                    if not rule.enabled:
+                        continue
+                    t_specs.append(RuleSpec(rule.id, cond))
+                    t_rules.append(RouteRule(table.id, rule.id, rule.then, where, cond))
+                    t_locs.append((located, rpath))
+                self._check_table(table.id, table.hit, t_rules, t_locs)
+                specs.append(TableSpec(table.id, table.hit, tuple(t_specs)))
+                rules.append(t_rules)
+        return specs, rules
+
+    def _check_table(self, table_id: str, hit: str, rules: list[RouteRule],
+                     locs: list[tuple[Located, YPath]]) -> None:
+        if len(rules) > 2000 and hit != "first":
+            pass  # pairwise checks stay affordable: conditions are tiny
+        for j, later in enumerate(rules):
+            for i in range(j):
+                earlier = rules[i]
+                if hit == "first" and analysis.shadows(earlier.cond, later.cond):
+                    located, path = locs[j]
+                    self.err(located, (*path, "id"),
+                             f"rule '{later.rule_id}' can never fire: rule '{earlier.rule_id}' "
+                             f"({earlier.source}) matches every case it matches (hit policy "
+                             "'first')")
+                    break
+                if hit == "unique" and analysis.may_overlap(earlier.cond, later.cond):
+                    located, path = locs[j]
+                    self.err(located, (*path, "id"),
+                             f"rules '{earlier.rule_id}' ({earlier.source}) and "
+                             f"'{later.rule_id}' can both match the same case under hit "
+                             f"policy 'unique' in table '{table_id}'")
+
+    def gaps(self, reg: Registry, rules: list[list[RouteRule]]) -> None:
+        if "routing.default" in self.singletons or self.incomplete:
+            return
+        from gridflow.compiler import category_scope
+
+        codes = sorted(reg.categories)
+        covered: set[str] = set()
+        for table in rules:
+            for rule in table:
+                scope = category_scope(rule.cond, codes)
+                if scope is None:
+                    return  # some rule applies to every category
+                covered |= scope
+        for code in codes:
+            if code not in covered:
+                located, path = self.locations[("category", code)]
+                self.err(located, (*path, "code"),
+                         f"category '{code}' has no route and the policy declares no default "
+                         "route (routing.default)")
+
+    # rule tests --------------------------------------------------------------------------
+
+    def tests(self, reg: Registry) -> list[LoadedTest]:
+        out: list[LoadedTest] = []
+        for located, model in self.source.files:
+            for i, t in enumerate(model.tests or []):
+                path: YPath = ("tests", i)
+                if t is None:
+                    continue
+                line, _ = located.where(path)
+                try:
+                    case = validate_case(reg, t.case)
+                except CaseValidationError as exc:
+                    for fe in exc.errors:
+                        parts = tuple(fe.field.split(".")) if fe.field != "case" else ()
+                        self.err(located, (*path, "case", *parts),
+                                 f"test '{t.name}': {fe.field}: {fe.message}")
+                    continue
+                self._check_expect(reg, located, t, path)
+                out.append(LoadedTest(t.name, f"{located.path}:{line}", case, t.expect))
+        return out
+
+    def _check_expect(self, reg: Registry, located: Located, t: RuleTest, path: YPath) -> None:
+        e = t.expect
+        for key, value in (("lead", e.lead),):
+            if value is not None and value not in reg.departments:
+                self.err(located, (*path, "expect", key), f"unknown department '{value}'",
+                         suggestion=suggest(value, reg.departments))
+        if e.tier is not None and e.tier not in reg.tiers:
+            self.err(located, (*path, "expect", "tier"), f"unknown tier '{e.tier}'",
+                     suggestion=suggest(e.tier, reg.tiers))
+
+
+def load_policy(
+    root: str | os.PathLike[str],
+    *,
+    today: date | None = None,
+    limits: Limits | None = None,
+    on_warning: Callable[[Problem], None] | None = None,
+) -> Any:
+    """Load, check and compile a policy directory into a :class:`~gridflow.policy.Policy`.
+
+    ``today`` (from the caller's clock) enables the "calendar ends soon" warning.
+    Raises :class:`DefinitionError` listing every error found.
+    """
+    from gridflow.policy import Policy
+
+    source = read_sources(root, limits)
+    builder = _Builder(source, today)
+    reg = builder.registry() if source.files else None
+    if reg is None:
+        raise DefinitionError(builder.problems)
+    cal = builder.calendar(reg)
+    specs, rules = builder.routing(reg)
+    builder.gaps(reg, rules)
+    tests = builder.tests(reg)
+    errors = [p for p in builder.problems if p.severity == "error"]
+    if errors or cal is None:
+        raise DefinitionError(builder.problems)
+    warnings = [p for p in builder.problems if p.severity != "error"]
+    if on_warning:
+        for w in warnings:
+            on_warning(w)
+    meta = typing.cast(PolicyMeta | None, builder.singletons.get("policy", (None, None))[1])
+    default_loc = builder.singletons.get("routing.default")
+    default = typing.cast(Outcome | None, default_loc[1] if default_loc else None)
+    default_source = ""
+    if default_loc:
+        line, _ = default_loc[0].where(("routing", "default"))
+        default_source = f"{default_loc[0].path}:{line}"
+    try:
+        compiled = CompiledRules(
+            specs,
+            category_groups={c.code: c.group for c in reg.categories.values()},
+            max_rules_per_ruleset=meta.max_rules_per_ruleset if meta else 256,
+        )
+    except Exception as exc:  # the engine rejected something our checks let through
+        raise DefinitionError([Problem(str(source.root), 1, 1,
+                                       f"rules engine refused the policy: {exc}")]) from exc
+    router = Router(reg, cal, compiled, rules, default, default_source,
+                    meta.default_time_limit if meta else None, source.version)
+    return Policy(
+        root=source.root,
+        version=source.version,
+        registry=reg,
+        calendar=cal,
+        router=router,
+        tests=tuple(tests),
+        warnings=tuple(warnings),
+        sections={k: v[1] for k, v in builder.singletons.items()},
+        extra=_extra_sections(source),
+    )
+
+
+def _extra_sections(source: PolicySource) -> Mapping[str, Any]:
+    """Sections later layers interpret (workflow, escalation, supervision, scoring)."""
+    out: dict[str, Any] = {}
+    for located, model in source.files:
+        for name in ("workflow", "escalation", "supervision", "scoring"):
+            value = getattr(model, name)
+            if value is not None:
+                out.setdefault(name, (located, value))
+    return out
+

@@ -1,0 +1,350 @@
+"""Route a case: validate it, match it on durable_rules, combine the hits into a decision."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from gridflow.calendar import BusinessCalendar, Duration, parse_duration
+from gridflow.compiler import CompiledRules
+from gridflow.conditions import (
+    CATEGORY,
+    CHANNEL,
+    DESCRIPTION,
+    TIME_FIELDS,
+    URGENCY,
+    Cond,
+    attr_field,
+    level_field,
+    tests_of,
+)
+from gridflow.errors import CalendarRangeError, CaseValidationError, FieldError, suggest
+from gridflow.registry import Registry
+from gridflow.schema import CaseIn, Outcome
+
+__all__ = [
+    "ConditionSeen",
+    "Decision",
+    "Notification",
+    "RouteRule",
+    "Router",
+    "RuleHit",
+    "case_fact",
+    "validate_case",
+]
+
+_SPACE = re.compile(r"\s+")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class ConditionSeen(_Frozen):
+    condition: str
+    field: str
+    seen: Any
+
+
+class RuleHit(_Frozen):
+    table: str
+    rule: str
+    source: str  # file:line
+    conditions: list[ConditionSeen]
+
+
+class Notification(_Frozen):
+    kind: str  # "broadcast" | "department"
+    target: str  # level or department id
+    units: list[str] = []
+
+
+class Decision(_Frozen):
+    """Where a case goes and why, under which policy version."""
+
+    case_id: str | None
+    category: str
+    urgency: str
+    lead: str
+    lead_name: str
+    assist: list[str]
+    tier: str
+    unit: str | None
+    time_limit: str | None
+    due_at: datetime | None
+    priority: int
+    pool: str | None
+    tags: list[str]
+    notify: list[Notification]
+    summon: list[str]
+    rule: str  # matched rule id, or "default"
+    source: str  # file:line of the primary rule (or of the default route)
+    default: bool
+    hits: list[RuleHit]
+    policy_version: str
+
+    def explain(self) -> list[str]:
+        """Human-readable trace lines."""
+        lines = []
+        if self.default:
+            lines.append(f"no rule matched; default route ({self.source})")
+        for hit in self.hits:
+            lines.append(f"matched {hit.table}/{hit.rule} at {hit.source}")
+            for c in hit.conditions:
+                lines.append(f"    {c.condition}  (seen: {c.seen!r})")
+        lines.append(f"policy version {self.policy_version}")
+        return lines
+
+
+@dataclass(frozen=True)
+class RouteRule:
+    """A compiled rule's metadata: its outcome and where it was written."""
+
+    table: str
+    rule_id: str
+    outcome: Outcome
+    source: str
+    cond: Cond
+
+
+def _pydantic_errors(exc: ValidationError) -> list[FieldError]:
+    out = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "case"
+        msg = err["msg"]
+        if err["type"] == "missing":
+            msg = "required field missing"
+        elif err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        out.append(FieldError(loc, msg))
+    return out
+
+
+def validate_case(reg: Registry, data: CaseIn | Mapping[str, Any], *, source: str | None = None) -> CaseIn:
+    """Validate a case document against the schema and the policy's references."""
+    if isinstance(data, CaseIn):
+        case = data
+    else:
+        if not isinstance(data, Mapping):
+            raise CaseValidationError([FieldError("case", "expected a JSON object")], source=source)
+        try:
+            case = CaseIn.model_validate(dict(data))
+        except ValidationError as exc:
+            raise CaseValidationError(_pydantic_errors(exc), source=source) from None
+    errors: list[FieldError] = []
+    if case.category not in reg.categories:
+        hint = suggest(case.category, reg.categories)
+        errors.append(FieldError("category", f"unknown category '{case.category}'"
+                                 + (f" (did you mean '{hint}'?)" if hint else "")))
+    if case.location not in reg.units:
+        hint = suggest(case.location, reg.units)
+        errors.append(FieldError("location", f"unknown unit '{case.location}'"
+                                 + (f" (did you mean '{hint}'?)" if hint else "")))
+    if case.channel not in reg.channels:
+        errors.append(FieldError("channel", f"unknown channel '{case.channel}' "
+                                 f"(allowed: {', '.join(reg.channels)})"))
+    for name, value in case.attributes.items():
+        kind = reg.attributes.get(name)
+        if kind is None:
+            hint = suggest(name, reg.attributes)
+            errors.append(FieldError(f"attributes.{name}", "undeclared attribute"
+                                     + (f" (did you mean '{hint}'?)" if hint else "")))
+            continue
+        ok = {
+            "string": isinstance(value, str),
+            "number": isinstance(value, int | float) and not isinstance(value, bool),
+            "integer": isinstance(value, int) and not isinstance(value, bool),
+            "boolean": isinstance(value, bool),
+        }[kind]
+        if not ok:
+            errors.append(FieldError(f"attributes.{name}", f"expected {kind}, got {value!r}"))
+        elif reg.attribute_values.get(name) is not None and value not in (reg.attribute_values[name] or ()):
+            errors.append(FieldError(f"attributes.{name}", f"{value!r} is not an allowed value"))
+    if errors:
+        raise CaseValidationError(errors, source=source)
+    return case
+
+
+def case_fact(reg: Registry, calendar: BusinessCalendar, case: CaseIn) -> dict[str, Any]:
+    """The flat fact the rules see (field names from :mod:`gridflow.conditions`)."""
+    info = reg.categories[case.category]
+    fact: dict[str, Any] = {
+        CATEGORY: case.category,
+        DESCRIPTION: _SPACE.sub(" ", case.description).strip(),
+        CHANNEL: case.channel,
+        URGENCY: case.urgency or info.urgency,
+    }
+    ancestry = reg.units[case.location].ancestry
+    for i, level in enumerate(reg.levels):
+        if level in ancestry:
+            fact[level_field(i)] = ancestry[level]
+    if case.reported_at is not None:
+        local = case.reported_at.astimezone(calendar.timezone)
+        day = local.date()
+        fact[TIME_FIELDS["hour"]] = local.hour
+        fact[TIME_FIELDS["weekday"]] = local.isoweekday()
+        fact[TIME_FIELDS["weekend"]] = local.isoweekday() >= 6
+        if calendar.covers(day):
+            fact[TIME_FIELDS["workday"]] = calendar.is_workday(day)
+            fact[TIME_FIELDS["holiday"]] = calendar.is_holiday(day)
+            fact[TIME_FIELDS["working_hours"]] = calendar.is_working_time(local)
+    for name, value in case.attributes.items():
+        fact[attr_field(name)] = value
+    return fact
+
+
+def _pick_limit(spec: Any, urgency: str) -> str | None:
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        return spec
+    value = spec.get(urgency) or spec.get("normal")
+    return str(value) if value is not None else None
+
+
+class Router:
+    """Decides routes for one compiled policy; immutable once built."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        calendar: BusinessCalendar,
+        compiled: CompiledRules,
+        rules: Sequence[Sequence[RouteRule]],
+        default: Outcome | None,
+        default_source: str,
+        default_time_limit: Any,
+        version: str,
+    ):
+        self.registry = registry
+        self.calendar = calendar
+        self.compiled = compiled
+        self.rules = [list(t) for t in rules]
+        self.default = default
+        self.default_source = default_source
+        self.default_time_limit = default_time_limit
+        self.version = version
+
+    def validate(self, data: CaseIn | Mapping[str, Any], *, source: str | None = None) -> CaseIn:
+        return validate_case(self.registry, data, source=source)
+
+    def fact(self, case: CaseIn) -> dict[str, Any]:
+        return case_fact(self.registry, self.calendar, case)
+
+    def route(
+        self,
+        data: CaseIn | Mapping[str, Any],
+        *,
+        exclude: Sequence[str] = (),
+        source: str | None = None,
+    ) -> Decision:
+        """Decide lead/assist/tier/deadline for a case.
+
+        ``exclude`` lists departments that returned the case as misrouted: hits whose
+        lead is excluded are skipped (the next hit, or the default, applies).
+        """
+        case = self.validate(data, source=source)
+        fact = self.fact(case)
+        per_table = self.compiled.match(fact)
+        hits: list[RouteRule] = []
+        for t_index, indexes in enumerate(per_table):
+            for i in indexes:
+                rule = self.rules[t_index][i]
+                if rule.outcome.lead not in exclude:
+                    hits.append(rule)
+        return self._decide(case, fact, hits)
+
+    def _decide(self, case: CaseIn, fact: Mapping[str, Any], hits: list[RouteRule]) -> Decision:
+        reg = self.registry
+        info = reg.categories[case.category]
+        urgency = str(fact[URGENCY])
+        default = not hits
+        if default:
+            if self.default is None:
+                from gridflow.errors import RoutingError
+
+                raise RoutingError(
+                    f"no rule matched category {case.category} and the policy declares no "
+                    "default route"
+                )
+            primary = self.default
+            rule_id, source = "default", self.default_source
+        else:
+            primary = hits[0].outcome
+            rule_id, source = hits[0].rule_id, hits[0].source
+        assist: list[str] = []
+        tags: list[str] = []
+        summon: list[str] = []
+        notify_specs = []
+        for outcome in [primary, *(h.outcome for h in hits[1:])]:
+            for dept in ([outcome.lead] if outcome is not primary else []) + list(outcome.assist):
+                if dept != primary.lead and dept not in assist:
+                    assist.append(dept)
+            tags += [t for t in outcome.tags if t not in tags]
+            summon += [d for d in outcome.summon if d not in summon]
+            notify_specs += list(outcome.notify)
+        tier = primary.tier or reg.departments[primary.lead].tier
+        limit_text = (
+            _pick_limit(primary.time_limit, urgency)
+            or _pick_limit(info.time_limit, urgency)
+            or _pick_limit(self.default.time_limit if self.default else None, urgency)
+            or _pick_limit(self.default_time_limit, urgency)
+        )
+        limit: Duration | None = parse_duration(limit_text) if limit_text else None
+        due_at = None
+        if limit is not None and case.reported_at is not None:
+            try:
+                due_at = self.calendar.add(case.reported_at, limit)
+            except CalendarRangeError:
+                raise
+        notifications = []
+        for spec in notify_specs:
+            if spec.department:
+                notifications.append(Notification(kind="department", target=spec.department))
+            if spec.broadcast:
+                within = spec.within
+                anchor = reg.units[case.location].ancestry.get(within) if within else None
+                units = (reg.descendants_at(anchor, spec.broadcast) if anchor
+                         else reg.units_at(spec.broadcast))
+                notifications.append(
+                    Notification(kind="broadcast", target=spec.broadcast, units=list(units))
+                )
+        return Decision(
+            case_id=case.id,
+            category=case.category,
+            urgency=urgency,
+            lead=primary.lead,
+            lead_name=reg.departments[primary.lead].name,
+            assist=assist,
+            tier=tier,
+            unit=reg.unit_for_tier(case.location, tier),
+            time_limit=str(limit) if limit else None,
+            due_at=due_at,
+            priority=primary.priority or min((h.outcome.priority or 5 for h in hits), default=5),
+            pool=primary.pool,
+            tags=tags,
+            notify=notifications,
+            summon=summon,
+            rule=rule_id,
+            source=source,
+            default=default,
+            hits=[self._trace(h, fact) for h in hits],
+            policy_version=self.version,
+        )
+
+    @staticmethod
+    def _trace(rule: RouteRule, fact: Mapping[str, Any]) -> RuleHit:
+        return RuleHit(
+            table=rule.table,
+            rule=rule.rule_id,
+            source=rule.source,
+            conditions=[
+                ConditionSeen(condition=str(t), field=t.label, seen=fact.get(t.field))
+                for t in tests_of(rule.cond)
+            ],
+        )
