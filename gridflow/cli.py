@@ -31,17 +31,17 @@ def _today() -> Any:
     return SystemClock().now().date()
 
 
-def _load(directory: str) -> Policy:
-    """Load a policy or print every problem and exit 1."""
+def _load(directory: str, report: Console = _out) -> Policy:
+    """Load a policy or print every problem (to ``report``) and exit 1."""
     warnings: list[Problem] = []
     try:
         policy: Policy = load_policy(directory, today=_today(), on_warning=warnings.append)
     except DefinitionError as exc:
         for p in exc.problems:
-            _out.print(str(p), markup=False)
+            report.print(str(p), markup=False)
         n_err = len(exc.errors)
-        _out.print(f"{n_err} error(s), {len(exc.problems) - n_err} warning(s) in {directory}",
-                   markup=False)
+        report.print(f"{n_err} error(s), {len(exc.problems) - n_err} warning(s) in {directory}",
+                     markup=False)
         sys.exit(1)
     for w in warnings:
         _err.print(str(w), markup=False)
@@ -50,13 +50,18 @@ def _load(directory: str) -> Policy:
 
 def _read_json(path: str) -> Any:
     try:
-        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+        raw = click.get_binary_stream("stdin").read() if path == "-" else Path(path).read_bytes()
     except OSError as exc:
         raise click.UsageError(f"cannot read {path}: {exc.strerror}") from None
     try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        _err.print(f"{path}: not UTF-8 text: {exc.reason} at byte {exc.start}", markup=False)
+        sys.exit(1)
+    try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        _out.print(f"{path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}", markup=False)
+        _err.print(f"{path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}", markup=False)
         sys.exit(1)
 
 
@@ -118,16 +123,17 @@ def _decision_json(d: Decision) -> dict[str, Any]:
 @click.option("--json", "as_json", is_flag=True, help="Print the decision(s) as JSON.")
 def route(directory: str, case_file: str, explain: bool, as_json: bool) -> None:
     """Route a case (or a JSON list of cases); CASE.json may be '-' for stdin."""
-    policy = _load(directory)
+    # stdout carries only the decisions (JSON with --json); problems go to stderr
+    policy = _load(directory, report=_err)
     data = _read_json(case_file)
     cases = data if isinstance(data, list) else [data]
     decisions: list[Decision] = []
     for i, case in enumerate(cases):
-        where = case_file if len(cases) == 1 else f"{case_file}[{i}]"
+        where = case_file if not isinstance(data, list) else f"{case_file}[{i}]"
         try:
             decisions.append(policy.router.route(case, source=where))
         except GridflowError as exc:
-            _out.print(str(exc), markup=False)
+            _err.print(str(exc), markup=False)
             sys.exit(1)
     if as_json:
         payload = [_decision_json(d) for d in decisions]
@@ -184,28 +190,8 @@ def diagram(directory: str | None, fmt: str) -> None:
     """Print the case workflow as Mermaid (default) or DOT."""
     from gridflow import workflow
 
-    graph = workflow.default_graph()
-    if directory:
-        policy = _load(directory)
-        graph = _policy_graph(policy, graph)
+    graph = _load(directory).lifecycle.graph if directory else workflow.default_graph()
     click.echo(workflow.to_mermaid(graph) if fmt == "mermaid" else workflow.to_dot(graph))
-
-
-def _policy_graph(policy: Policy, graph: Any) -> Any:
-    from gridflow import workflow
-
-    section = policy.extra.get("workflow")
-    if not section:
-        return graph
-    located, data = section
-    roles = data.get("roles", {}) if isinstance(data, dict) else {}
-
-    def locate(key: str) -> tuple[str, int, int]:
-        parts = key.split(".")
-        line, col = located.where(("workflow", "roles", *parts[1:2]))
-        return located.path, line, col
-
-    return workflow.with_overrides(graph, roles, locate=locate)
 
 
 @main.command()

@@ -24,7 +24,9 @@ ruleset would decide.
 
 from __future__ import annotations
 
+import functools
 import itertools
+import json
 import re
 import threading
 import weakref
@@ -213,12 +215,30 @@ def translate_regex(pattern: str) -> str:
     return "|".join(f"({b})" for b in out)
 
 
+@functools.lru_cache(maxsize=4096)
 def check_regex(pattern: str) -> str | None:
-    """Why ``pattern`` cannot be used in a rule, or None when it can."""
+    """Why ``pattern`` cannot be used in a rule, or None when it can.
+
+    Besides translating, the pattern is compiled by the engine once: its regex
+    automaton has size limits that only the engine itself can tell.
+    """
     try:
-        translate_regex(pattern)
+        translated = translate_regex(pattern)
     except ValueError as exc:
         return str(exc)
+    return _probe(translated)
+
+
+@functools.lru_cache(maxsize=4096)
+def _probe(engine_regex: str) -> str | None:
+    rule = {"probe": {"all": [{"m": {"$and": [{MARKER: 1}, {"$mt": {"t": engine_regex}}]}}]}}
+    name = f"gfprobe{next(_SERIAL)}"
+    with _LOCK:
+        try:
+            handle = durable_rules_engine.create_ruleset(name, json.dumps(rule, ensure_ascii=False))
+        except Exception as exc:
+            return f"too complex for the rules engine's regex automaton ({exc}); simplify it"
+        durable_rules_engine.delete_ruleset(handle)
     return None
 
 

@@ -19,17 +19,22 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from gridflow import analysis
-from gridflow.calendar import BusinessCalendar, CalendarYear
+from gridflow import workflow
+from gridflow.calendar import BusinessCalendar, CalendarYear, parse_duration
 from gridflow.compiler import CompiledRules, RuleSpec, TableSpec, check_regex
 from gridflow.conditions import AllOf, Cond, LowerContext, lower_when
 from gridflow.errors import CaseValidationError, DefinitionError, Problem, suggest
 from gridflow.registry import DEFAULT_CHANNELS, CategoryInfo, DepartmentInfo, Registry, UnitInfo
 from gridflow.routing import RouteRule, Router, validate_case
+from gridflow.policy import Lifecycle
 from gridflow.schema import (
+    AppealsSpec,
     AttributeDef,
     CalendarSpec,
     Category,
     Department,
+    EscalationSpec,
+    EvaluationSpec,
     Organisation,
     Outcome,
     PolicyFile,
@@ -37,6 +42,7 @@ from gridflow.schema import (
     Routing,
     Rule,
     RuleTest,
+    SupervisionSpec,
     Table,
     Unit,
 )
@@ -294,9 +300,10 @@ def read_sources(root: str | os.PathLike[str], limits: Limits | None = None) -> 
 
 
 class _Builder:
-    def __init__(self, source: PolicySource, today: date | None):
+    def __init__(self, source: PolicySource, today: date | None, strict: bool = True):
         self.source = source
         self.today = today
+        self.lint_severity = "error" if strict else "warning"
         self.problems: list[Problem] = list(source.problems)
         self.singletons: dict[str, tuple[Located, Any]] = {}
         self.incomplete = bool(source.problems)
@@ -324,6 +331,8 @@ class _Builder:
             self.single("policy", model.policy, located, ("policy",))
             self.single("organisation", model.organisation, located, ("organisation",))
             self.single("calendar", model.calendar, located, ("calendar",))
+            for name in ("workflow", "supervision", "escalation", "appeals", "evaluation"):
+                self.single(name, getattr(model, name), located, (name,))
             if model.routing is not None:
                 self.single("routing.default", model.routing.default, located,
                             ("routing", "default"))
@@ -601,14 +610,14 @@ class _Builder:
                     self.err(located, (*path, "id"),
                              f"rule '{later.rule_id}' can never fire: rule '{earlier.rule_id}' "
                              f"({earlier.source}) matches every case it matches (hit policy "
-                             "'first')")
+                             "'first')", severity=self.lint_severity)
                     break
                 if hit == "unique" and analysis.may_overlap(earlier.cond, later.cond):
                     located, path = locs[j]
                     self.err(located, (*path, "id"),
                              f"rules '{earlier.rule_id}' ({earlier.source}) and "
                              f"'{later.rule_id}' can both match the same case under hit "
-                             f"policy 'unique' in table '{table_id}'")
+                             f"policy 'unique' in table '{table_id}'", severity=self.lint_severity)
 
     def gaps(self, reg: Registry, rules: list[list[RouteRule]]) -> None:
         if "routing.default" in self.singletons or self.incomplete:
@@ -629,6 +638,71 @@ class _Builder:
                 self.err(located, (*path, "code"),
                          f"category '{code}' has no route and the policy declares no default "
                          "route (routing.default)")
+
+    # life cycle --------------------------------------------------------------------------
+
+    def lifecycle(self, reg: Registry) -> Lifecycle | None:
+        graph = workflow.default_graph()
+        if "workflow" in self.singletons:
+            located, spec = self.singletons["workflow"]
+
+            def locate(key: str) -> tuple[str, int, int]:
+                parts = key.split(".")
+                path: YPath = ("workflow", "roles", parts[1]) if len(parts) > 1 else ("workflow",)
+                line, col = located.where(path, key=True)
+                return located.path, line, col
+
+            try:
+                graph = workflow.with_overrides(graph, spec.roles, locate=locate)
+            except DefinitionError as exc:
+                self.problems += exc.problems
+        sup = typing.cast(SupervisionSpec, self.singletons.get("supervision", (None, SupervisionSpec()))[1])
+        esc_loc, esc = self.singletons.get("escalation", (None, EscalationSpec()))
+        esc = typing.cast(EscalationSpec, esc)
+        path = dict(esc.path) if esc.path is not None else {
+            reg.tiers[i]: reg.tiers[i + 1] for i in range(len(reg.tiers) - 1)}
+        if esc_loc is not None:
+            for key, tiers in (("on_overdue", esc.on_overdue), ("summon_at", esc.summon_at)):
+                for i, t in enumerate(tiers):
+                    if t not in reg.tiers:
+                        self.err(esc_loc, ("escalation", key, i), f"unknown tier '{t}'",
+                                 suggestion=suggest(t, reg.tiers))
+            for low, high in (esc.path or {}).items():
+                for key, t in (("key", low), ("value", high)):
+                    if t not in reg.tiers:
+                        self.err(esc_loc, ("escalation", "path", low), f"unknown tier '{t}'",
+                                 key=key == "key", suggestion=suggest(t, reg.tiers))
+            for start in path:
+                seen = [start]
+                nxt = path.get(start)
+                while nxt is not None:
+                    if nxt in seen:
+                        self.err(esc_loc, ("escalation", "path", start),
+                                 "escalation path has a cycle: " + " → ".join([*seen, nxt]))
+                        break
+                    seen.append(nxt)
+                    nxt = path.get(nxt)
+                else:
+                    continue
+                break
+        appeals = typing.cast(AppealsSpec, self.singletons.get("appeals", (None, AppealsSpec()))[1])
+        evaluation = typing.cast(EvaluationSpec,
+                                 self.singletons.get("evaluation", (None, EvaluationSpec()))[1])
+        return Lifecycle(
+            graph=graph,
+            warn_at=sup.warn_at,
+            escalation_path=path,
+            escalate_on_overdue=frozenset(esc.on_overdue),
+            escalate_after_returns=esc.after_returns,
+            escalate_after_rework=esc.after_rework,
+            summon_at=frozenset(esc.summon_at),
+            appeal_windows={
+                "routing": parse_duration(appeals.routing.window),
+                "score": parse_duration(appeals.score.window),
+                "resident": parse_duration(appeals.resident.window),
+            },
+            reopen_window=parse_duration(evaluation.reopen_window),
+        )
 
     # rule tests --------------------------------------------------------------------------
 
@@ -669,16 +743,19 @@ def load_policy(
     today: date | None = None,
     limits: Limits | None = None,
     on_warning: Callable[[Problem], None] | None = None,
+    strict: bool = True,
 ) -> Any:
     """Load, check and compile a policy directory into a :class:`~gridflow.policy.Policy`.
 
     ``today`` (from the caller's clock) enables the "calendar ends soon" warning.
+    ``strict=False`` turns lint findings (shadowed rules, overlaps under ``unique``)
+    into warnings, for experiments and generated policies.
     Raises :class:`DefinitionError` listing every error found.
     """
     from gridflow.policy import Policy
 
     source = read_sources(root, limits)
-    builder = _Builder(source, today)
+    builder = _Builder(source, today, strict)
     reg = builder.registry() if source.files else None
     if reg is None:
         raise DefinitionError(builder.problems)
@@ -686,6 +763,7 @@ def load_policy(
     specs, rules = builder.routing(reg)
     builder.gaps(reg, rules)
     tests = builder.tests(reg)
+    lifecycle = builder.lifecycle(reg)
     errors = [p for p in builder.problems if p.severity == "error"]
     if errors or cal is None:
         raise DefinitionError(builder.problems)
@@ -720,17 +798,5 @@ def load_policy(
         tests=tuple(tests),
         warnings=tuple(warnings),
         sections={k: v[1] for k, v in builder.singletons.items()},
-        extra=_extra_sections(source),
+        lifecycle=lifecycle,
     )
-
-
-def _extra_sections(source: PolicySource) -> Mapping[str, Any]:
-    """Sections later layers interpret (workflow, escalation, supervision, scoring)."""
-    out: dict[str, Any] = {}
-    for located, model in source.files:
-        for name in ("workflow", "escalation", "supervision", "scoring"):
-            value = getattr(model, name)
-            if value is not None:
-                out.setdefault(name, (located, value))
-    return out
-

@@ -10,13 +10,14 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from gridflow.calendar import BusinessCalendar
+from gridflow.calendar import BusinessCalendar, Duration, parse_duration
 from gridflow.errors import Problem
 from gridflow.registry import Registry
 from gridflow.routing import Decision, Router
 from gridflow.schema import CaseIn
+from gridflow.workflow import WorkflowGraph, default_graph
 
-__all__ = ["Policy", "PolicyHandle", "RuleTestResult"]
+__all__ = ["Lifecycle", "Policy", "PolicyHandle", "RuleTestResult"]
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,28 @@ class RuleTestResult:
     passed: bool
     failures: tuple[str, ...]
     decision: Decision | None
+
+
+@dataclass(frozen=True)
+class Lifecycle:
+    """Validated life-cycle settings: workflow graph, supervision, escalation, appeals."""
+
+    graph: WorkflowGraph
+    warn_at: float = 0.8
+    escalation_path: Mapping[str, str] = field(default_factory=dict)  # tier → tier above
+    escalate_on_overdue: frozenset[str] = frozenset()
+    escalate_after_returns: int = 2
+    escalate_after_rework: int = 2
+    summon_at: frozenset[str] = frozenset({"street"})
+    appeal_windows: Mapping[str, Duration] = field(default_factory=lambda: {
+        "routing": parse_duration("2wd"),
+        "score": parse_duration("5wd"),
+        "resident": parse_duration("7d"),
+    })
+    reopen_window: Duration = field(default_factory=lambda: parse_duration("7d"))
+
+    def tier_above(self, tier: str) -> str | None:
+        return self.escalation_path.get(tier)
 
 
 @dataclass(frozen=True)
@@ -40,7 +63,7 @@ class Policy:
     tests: tuple[Any, ...] = ()
     warnings: tuple[Problem, ...] = ()
     sections: Mapping[str, Any] = field(default_factory=dict)
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    lifecycle: Lifecycle = field(default_factory=lambda: Lifecycle(default_graph()))
 
     @property
     def name(self) -> str:
@@ -77,8 +100,10 @@ def _compare(expect: Any, d: Decision) -> list[str]:
         ("rule", expect.rule, d.rule),
         ("pool", expect.pool, d.pool),
         ("priority", expect.priority, d.priority),
-        ("time_limit", expect.time_limit, d.time_limit),
+        ("time_limit", _canonical(expect.time_limit), d.time_limit),
         ("due_at", expect.due_at, d.due_at),
+        ("unit", expect.unit, d.unit),
+        ("urgency", expect.urgency, d.urgency),
     ]
     for name, want, got in checks:
         if want is not None and want != got:
@@ -87,10 +112,15 @@ def _compare(expect: Any, d: Decision) -> list[str]:
         ("assist", expect.assist, d.assist),
         ("tags", expect.tags, d.tags),
         ("summon", expect.summon, d.summon),
+        ("notify", expect.notify, [u for n in d.notify for u in n.units]),
     ):
         if want_list is not None and sorted(want_list) != sorted(got_list):
             out.append(f"{name}: expected {sorted(want_list)!r}, got {sorted(got_list)!r}")
     return out
+
+
+def _canonical(limit: str | None) -> str | None:
+    return str(parse_duration(limit)) if limit else None
 
 
 class PolicyHandle:

@@ -27,11 +27,15 @@ from pydantic import (
 from gridflow.calendar import parse_duration
 
 __all__ = [
+    "AppealWindow",
+    "AppealsSpec",
     "AttributeDef",
     "CalendarSpec",
     "CaseIn",
     "Category",
     "Department",
+    "EscalationSpec",
+    "EvaluationSpec",
     "Expectation",
     "HolidaySpan",
     "Level",
@@ -43,6 +47,7 @@ __all__ = [
     "PolicyMeta",
     "Pool",
     "Routing",
+    "SupervisionSpec",
     "Rule",
     "RuleTest",
     "Table",
@@ -50,6 +55,7 @@ __all__ = [
     "Urgency",
     "When",
     "WhenTime",
+    "WorkflowSpec",
     "YearSpec",
 ]
 
@@ -311,12 +317,56 @@ class Expectation(Strict):
     due_at: AwareDatetime | None = None
     tags: list[str] | None = None
     summon: list[Ident] | None = None
+    unit: Ident | None = None
+    urgency: Urgency | None = None
+    notify: list[Ident] | None = Field(None, description="units that are notified (broadcast)")
 
 
 class RuleTest(Strict):
     name: str
     case: dict[str, Any]
     expect: Expectation
+
+
+# --- life cycle: workflow roles, supervision, escalation, appeals -------------------------
+
+
+class WorkflowSpec(Strict):
+    roles: dict[str, list[str]] = Field(
+        default_factory=dict, description="trigger → roles allowed to fire it (overrides)"
+    )
+
+
+class SupervisionSpec(Strict):
+    warn_at: float = Field(0.8, gt=0, lt=1, description="share of the time limit that warns")
+
+
+class EscalationSpec(Strict):
+    path: dict[Ident, Ident] | None = Field(
+        None, description="tier → the tier above it; default: the tiers in order"
+    )
+    on_overdue: list[Ident] = Field(
+        default_factory=list, description="tiers at which an overdue case escalates one tier up"
+    )
+    after_returns: int = Field(2, ge=1, description="returned by this many departments → escalate")
+    after_rework: int = Field(2, ge=1, description="reworked this many times → escalate")
+    summon_at: list[Ident] = Field(
+        default_factory=lambda: ["street"], description="tiers that may summon departments"
+    )
+
+
+class AppealWindow(Strict):
+    window: DurationText = Field(description="how long after the event the appeal may be filed")
+
+
+class AppealsSpec(Strict):
+    routing: AppealWindow = AppealWindow(window="2wd")
+    score: AppealWindow = AppealWindow(window="5wd")
+    resident: AppealWindow = AppealWindow(window="7d")
+
+
+class EvaluationSpec(Strict):
+    reopen_window: DurationText = Field("7d", description="a resident may reopen within this")
 
 
 class PolicyFile(Strict):
@@ -332,7 +382,9 @@ class PolicyFile(Strict):
     calendar: CalendarSpec | None = None
     routing: Routing | None = None
     tests: list[RuleTest] | None = None
-    workflow: dict[str, Any] | None = None
-    escalation: dict[str, Any] | None = None
-    supervision: dict[str, Any] | None = None
+    workflow: WorkflowSpec | None = None
+    supervision: SupervisionSpec | None = None
+    escalation: EscalationSpec | None = None
+    appeals: AppealsSpec | None = None
+    evaluation: EvaluationSpec | None = None
     scoring: dict[str, Any] | None = None

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ruamel.yaml import YAML
+from ruamel.yaml.composer import Composer
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
@@ -30,6 +31,8 @@ _PLAIN_TAGS = {
     "tag:yaml.org,2002:null",
     "tag:yaml.org,2002:timestamp",
 }
+_MAP_TAG = "tag:yaml.org,2002:map"
+_SEQ_TAG = "tag:yaml.org,2002:seq"
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,86 @@ class _LimitExceeded(Exception):
         super().__init__(message)
 
 
+class _TooDeep(Exception):
+    def __init__(self, mark: Any):
+        self.mark = mark
+        super().__init__()
+
+
+class _GuardedComposer(Composer):
+    """Refuses nesting beyond the limit *while* composing, before Python's recursion limit.
+
+    The stock composer recurses once per level, so a file of a few thousand ``[`` would
+    otherwise end in a ``RecursionError``. Re-used anchors are legal YAML: no warning.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.warn_double_anchors = False
+        self.max_nesting = Limits().max_depth + 1  # set from the caller's limits
+        self.nesting = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self.nesting += 1
+        is_key = isinstance(parent, MappingNode) and index is None  # located by its value
+        try:
+            if self.nesting > self.max_nesting and not is_key:
+                raise _TooDeep(self.parser.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self.nesting -= 1
+
+
+def _measure(root: Node, limits: Limits) -> None:
+    """Check the expanded size and depth of a composed tree without expanding it.
+
+    Aliases make the tree a DAG: a node's size is computed once and shared, so a
+    "billion laughs" document is refused in time proportional to its text, not to the
+    billion values it would expand to. Raises :class:`_LimitExceeded`.
+    """
+    memo: dict[int, tuple[int, int]] = {}  # id(node) -> (values below and itself, height)
+    active: set[int] = set()
+
+    def visit(node: Node, depth: int) -> tuple[int, int]:
+        key = id(node)
+        if key in active:
+            raise _LimitExceeded(node, "recursive alias (a node that contains itself); "
+                                       "refusing to load it")
+        if key not in memo:
+            if depth > limits.max_depth:
+                raise _LimitExceeded(node, f"nesting deeper than {limits.max_depth} levels; "
+                                           "refusing to load it")
+            active.add(key)
+            if isinstance(node, MappingNode):
+                children = [v for _k, v in node.value]
+            elif isinstance(node, SequenceNode):
+                children = list(node.value)
+            else:
+                children = []
+            count, height = 1, 0
+            for child in children:
+                c, h = visit(child, depth + 1)
+                count += c
+                height = max(height, h + 1)
+                if count > limits.max_nodes:
+                    break
+            active.discard(key)
+            memo[key] = (count, height)
+        count, height = memo[key]
+        if count > limits.max_nodes:
+            raise _LimitExceeded(
+                node,
+                f"file expands to more than {limits.max_nodes} values "
+                "(alias expansion or a runaway file); refusing to load it",
+            )
+        if depth + height > limits.max_depth:
+            raise _LimitExceeded(node, f"nesting deeper than {limits.max_depth} levels; "
+                                       "refusing to load it")
+        return count, height
+
+    visit(root, 0)
+
+
 class _Builder:
     def __init__(self, yaml: YAML, located: Located, limits: Limits):
         self.yaml = yaml
@@ -100,6 +183,14 @@ class _Builder:
                 node, f"nesting deeper than {self.limits.max_depth} levels; refusing to load it"
             )
         self.located.values[path] = self._mark(node)
+        if isinstance(node, MappingNode | SequenceNode):
+            expected = _MAP_TAG if isinstance(node, MappingNode) else _SEQ_TAG
+            if node.tag != expected:
+                line, col = self._mark(node)
+                self.problems.append(
+                    Problem(self.located.path, line, col, f"unsupported YAML tag '{node.tag}'")
+                )
+                return None
         if isinstance(node, MappingNode):
             return self._mapping(node, path, depth)
         if isinstance(node, SequenceNode):
@@ -122,7 +213,7 @@ class _Builder:
                     Problem(self.located.path, line, col, "merge keys ('<<') are not supported")
                 )
                 continue
-            if not isinstance(key_node, ScalarNode):
+            if not isinstance(key_node, ScalarNode) or key_node.tag not in _PLAIN_TAGS:
                 line, col = self._mark(key_node)
                 self.problems.append(
                     Problem(self.located.path, line, col, "mapping keys must be plain scalars")
@@ -140,7 +231,9 @@ class _Builder:
         return out
 
 
-def read_yaml(path: str, text: bytes | str, limits: Limits | None = None) -> tuple[Located, list[Problem]]:
+def read_yaml(
+    path: str, text: bytes | str, limits: Limits | None = None
+) -> tuple[Located, list[Problem]]:
     """Parse one file; problems (syntax, tags, limits, duplicate keys) are returned, not raised."""
     limits = limits or Limits()
     located = Located(path=path, data=None)
@@ -153,10 +246,18 @@ def read_yaml(path: str, text: bytes | str, limits: Limits | None = None) -> tup
         try:
             text = text.decode("utf-8")
         except UnicodeDecodeError as exc:
-            return located, [Problem(path, 1, 1, f"not UTF-8 text: {exc.reason} at byte {exc.start}")]
+            return located, [
+                Problem(path, 1, 1, f"not UTF-8 text: {exc.reason} at byte {exc.start}")
+            ]
     yaml = YAML(typ="safe", pure=True)
+    yaml.Composer = _GuardedComposer
+    yaml.composer.max_nesting = limits.max_depth + 1  # the root node is nesting level 1
     try:
         node = yaml.compose(io.StringIO(text))
+    except _TooDeep as exc:
+        line, col = exc.mark.line + 1, exc.mark.column + 1
+        return located, [Problem(path, line, col, f"nesting deeper than {limits.max_depth} "
+                                                  "levels; refusing to load it")]
     except MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark is not None else (1, 1)
@@ -169,12 +270,15 @@ def read_yaml(path: str, text: bytes | str, limits: Limits | None = None) -> tup
         return located, []
     builder = _Builder(yaml, located, limits)
     try:
+        _measure(node, limits)
         located.data = builder.build(node, (), 0)
     except _LimitExceeded as exc:
         line, col = builder._mark(exc.node)
         return located, [Problem(path, line, col, str(exc))]
     except (YAMLError, ValueError) as exc:
         return located, [Problem(path, 1, 1, f"YAML error: {exc}")]
+    if located.data is None and not builder.problems:
+        located.data = {}  # an explicitly empty document ('---', '~') is an empty file
     return located, builder.problems
 
 

@@ -19,7 +19,7 @@ import json
 import sqlite3
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -71,6 +71,24 @@ _CASE_FIELDS = (  # the order of CaseRecord's fields
     "policy_version",
     "updated_at",
 )
+# Columns an append may leave alone when they did not change (SQLite then rewrites no index
+# entry for them); version, data and updated_at are always written.
+_CASE_SCALARS = (
+    "state",
+    "idempotency_key",
+    "category",
+    "unit",
+    "lead_department",
+    "pool",
+    "handler",
+    "tier",
+    "due_at",
+    "warn_at",
+    "reported_at",
+    "dispatched_at",
+    "closed_at",
+    "policy_version",
+)
 _CASE_STR_FIELDS = (
     "idempotency_key",
     "category",
@@ -108,7 +126,7 @@ class IdempotencyConflict(ConcurrencyConflict):
 
 
 def _dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 
 
 def _family(dialect: sa.engine.Dialect) -> str:
@@ -209,8 +227,15 @@ class _Statements:
             c.c.idempotency_key == bp("b_key")
         )
         self.insert_case = sa.insert(c)
-        self.insert_case_pg = pg_dialect.insert(c).on_conflict_do_nothing()
-        self.insert_case_sqlite = sqlite_dialect.insert(c).on_conflict_do_nothing()
+        # rowcount tells whether ON CONFLICT DO NOTHING inserted the row
+        self.insert_case_pg = (
+            pg_dialect.insert(c).on_conflict_do_nothing().execution_options(preserve_rowcount=True)
+        )
+        self.insert_case_sqlite = (
+            sqlite_dialect.insert(c)
+            .on_conflict_do_nothing()
+            .execution_options(preserve_rowcount=True)
+        )
         self.update_case = sa.update(c).where(
             c.c.case_id == bp("b_case_id"), c.c.version == bp("b_expected")
         )
@@ -276,6 +301,86 @@ class _Statements:
             o.c.published_at.is_not(None),
             o.c.published_at < bp("b_before", type_=o.c.published_at.type),
         )
+
+
+class _Compiled:
+    """A statement compiled for one dialect, run straight on the DBAPI cursor."""
+
+    __slots__ = ("names", "procs", "sql")
+
+    def __init__(self, stmt: Any, dialect: sa.engine.Dialect, column_keys: Sequence[str] | None):
+        compiled = stmt.compile(dialect=dialect, column_keys=column_keys)
+        self.sql = str(compiled)
+        self.names: tuple[str, ...] = tuple(compiled.positiontup or ())
+        procs: list[Any] = []
+        for name in self.names:
+            bind = compiled.binds[name]
+            procs.append(bind.type.dialect_impl(dialect).bind_processor(dialect))
+        self.procs: tuple[Any, ...] = tuple(procs)
+
+    def args(self, params: Mapping[str, Any]) -> tuple[Any, ...]:
+        return tuple(
+            params[n] if p is None else p(params[n])
+            for n, p in zip(self.names, self.procs, strict=True)
+        )
+
+
+class _SqliteFast:
+    """The hot statements of a command (read case, update it, insert events and outbox
+    rows) executed directly on the ``sqlite3`` connection.
+
+    SQLAlchemy still writes the SQL (compiled once from the same Core statements) and
+    converts every value (the same type processors Core uses); this only skips the
+    per-execution machinery, which on SQLite costs more than the database work itself.
+    """
+
+    def __init__(self, stmts: _Statements, t: StoreTables, dialect: sa.engine.Dialect):
+        self.dialect = dialect
+        self.t = t
+        self.select_case = _Compiled(stmts.select_case, dialect, None)
+        self.case_results = tuple(
+            col.type.dialect_impl(dialect).result_processor(dialect, None)
+            for col in stmts.select_case.selected_columns
+        )
+        self.insert_event = _Compiled(
+            sa.insert(t.events), dialect, [c for c in _EVENT_COLUMNS]
+        )
+        self.insert_outbox = _Compiled(
+            sa.insert(t.outbox), dialect, [c for c in _OUTBOX_COLUMNS]
+        )
+        self._updates: dict[tuple[str, ...], _Compiled] = {}
+        self._update_stmt = stmts.update_case
+
+    def update(self, columns: tuple[str, ...]) -> _Compiled:
+        entry = self._updates.get(columns)
+        if entry is None:
+            entry = self._updates[columns] = _Compiled(self._update_stmt, self.dialect, columns)
+        return entry
+
+    def run(self, raw: sqlite3.Connection, stmt: _Compiled, params: Mapping[str, Any]) -> Any:
+        try:
+            args = stmt.args(params)
+        except (TypeError, ValueError) as exc:
+            raise _unstorable(exc) from exc
+        try:
+            return raw.execute(stmt.sql, args)
+        except sqlite3.Error as exc:
+            raise DBAPIError.instance(
+                stmt.sql, args, exc, sqlite3.Error, dialect=self.dialect
+            ) from exc
+
+    def case_from_row(self, row: Sequence[Any]) -> CaseRecord:
+        values: list[Any] = [
+            v if p is None else p(v) for v, p in zip(row, self.case_results, strict=True)
+        ]
+        return CaseRecord(*values)
+
+
+_EVENT_COLUMNS = (
+    "case_id", "seq", "type", "actor_id", "actor_role", "at", "reason", "payload",
+    "policy_version",
+)
+_OUTBOX_COLUMNS = ("event_id", "case_id", "seq", "type", "payload", "created_at", "published_at")
 
 
 # ---------------------------------------------------------------------------- validation
@@ -353,6 +458,12 @@ def _event_from_row(row: Sequence[Any]) -> EventRecord:
     return EventRecord(*row)
 
 
+def _unstorable(exc: BaseException) -> CaseValidationError:
+    return CaseValidationError(
+        [FieldError("data/payload", f"cannot be stored as JSON: {exc}")], source="store"
+    )
+
+
 def _new_id(result: sa.CursorResult[Any]) -> int:
     pk = result.inserted_primary_key
     if pk is None or pk[0] is None:  # pragma: no cover - every supported driver reports it
@@ -366,13 +477,25 @@ def _new_id(result: sa.CursorResult[Any]) -> int:
 class StoreTx:
     """Operations inside one database transaction (obtained from :meth:`Store.transaction`)."""
 
-    __slots__ = ("_caps", "_conn", "_s", "_t")
+    __slots__ = ("_caps", "_conn", "_fast", "_raw", "_s", "_seen", "_t")
 
-    def __init__(self, store: Store, conn: Connection, caps: _Caps):
+    def __init__(
+        self,
+        store: Store,
+        conn: Connection,
+        caps: _Caps,
+        fast: tuple[_SqliteFast, sqlite3.Connection] | None = None,
+    ):
         self._conn = conn
         self._s = store._stmts
         self._t = store.tables
         self._caps = caps
+        self._fast: _SqliteFast | None = None
+        self._raw: sqlite3.Connection | None = None
+        if fast is not None:
+            self._fast, self._raw = fast
+        # case_id -> (version, _CASE_SCALARS values) as last read or written here
+        self._seen: dict[str, tuple[int, tuple[Any, ...]]] = {}
 
     @property
     def connection(self) -> Connection:
@@ -383,11 +506,25 @@ class StoreTx:
 
     def get_case(self, case_id: str, *, for_update: bool = False) -> CaseRecord | None:
         """The case, or ``None``. ``for_update`` also locks its row (PostgreSQL/MariaDB)."""
-        stmt = self._s.select_case_locked if for_update and self._caps.row_locks else (
-            self._s.select_case
+        fast, raw = self._fast, self._raw
+        if fast is not None and raw is not None:
+            row = fast.run(raw, fast.select_case, {"b_case_id": case_id}).fetchone()
+            record = None if row is None else fast.case_from_row(row)
+        else:
+            stmt = self._s.select_case_locked if for_update and self._caps.row_locks else (
+                self._s.select_case
+            )
+            found = self._conn.execute(stmt, {"b_case_id": case_id}).first()
+            record = None if found is None else _case_from_row(found)
+        if record is not None:
+            self._remember(record)
+        return record
+
+    def _remember(self, record: CaseRecord) -> None:
+        self._seen[record.case_id] = (
+            record.version,
+            tuple(getattr(record, name) for name in _CASE_SCALARS),
         )
-        row = self._conn.execute(stmt, {"b_case_id": case_id}).first()
-        return None if row is None else _case_from_row(row)
 
     def require_case(self, case_id: str, *, for_update: bool = False) -> CaseRecord:
         record = self.get_case(case_id, for_update=for_update)
@@ -412,7 +549,7 @@ class StoreTx:
                 FieldError("version", f"must equal the number of events ({len(events)})")
             )
         _raise_invalid(errors)
-        values = self._case_values(record, events[-1].at)
+        values = self._case_values(record, events[-1].at.astimezone(UTC))
         family = self._caps.family
         if family in ("postgresql", "sqlite"):
             stmt = self._s.insert_case_pg if family == "postgresql" else self._s.insert_case_sqlite
@@ -430,6 +567,7 @@ class StoreTx:
             self._raise_duplicate(record)
         written = self._write_events(record.case_id, 0, events)
         record.updated_at = values["updated_at"]
+        self._remember(record)
         return written
 
     def append(
@@ -442,19 +580,37 @@ class StoreTx:
         errors = _validate_case(record)
         _validate_events(events, errors)
         _raise_invalid(errors)
-        values = self._case_values(record, events[-1].at)
-        values["version"] = expected_version + len(events)
-        del values["case_id"]
+        new_version = expected_version + len(events)
+        scalars = tuple(getattr(record, name) for name in _CASE_SCALARS)
+        seen = self._seen.get(record.case_id)
+        if seen is not None and seen[0] == expected_version:
+            changed = tuple(
+                name
+                for name, old, new in zip(_CASE_SCALARS, seen[1], scalars, strict=True)
+                if old != new or type(old) is not type(new)
+            )
+        else:
+            changed = _CASE_SCALARS
+        columns = ("version", "data", "updated_at", *changed)
+        values: dict[str, Any] = {name: getattr(record, name) for name in changed}
+        values["version"] = new_version
+        values["data"] = record.data
+        values["updated_at"] = events[-1].at.astimezone(UTC)
         values["b_case_id"] = record.case_id
         values["b_expected"] = expected_version
-        result = self._execute_write(self._s.update_case, values)
-        if result.rowcount != 1:
+        fast, raw = self._fast, self._raw
+        if fast is not None and raw is not None:
+            rowcount = fast.run(raw, fast.update(columns), values).rowcount
+        else:
+            rowcount = self._execute_write(self._s.update_case, values).rowcount
+        if rowcount != 1:
             actual = self._conn.execute(
                 self._s.select_version, {"b_case_id": record.case_id}
             ).scalar()
             if actual is None:
                 raise CaseNotFound(record.case_id)
             raise ConcurrencyConflict(record.case_id, expected_version, actual)
+        self._seen[record.case_id] = (new_version, scalars)
         written = self._write_events(record.case_id, expected_version, events)
         record.version = expected_version + len(events)
         record.updated_at = values["updated_at"]
@@ -668,17 +824,18 @@ class StoreTx:
         }
 
     def _execute_write(self, stmt: Any, params: Any) -> sa.CursorResult[Any]:
+        """Execute, turning a value the database cannot store (JSON serialization fails in
+        SQLAlchemy or, on psycopg, in the driver) into :class:`CaseValidationError`."""
         try:
             return self._conn.execute(stmt, params)
         except DBAPIError:
             raise
         except StatementError as exc:
             if isinstance(exc.orig, (TypeError, ValueError)):
-                raise CaseValidationError(
-                    [FieldError("data/payload", f"cannot be stored: {exc.orig}")],
-                    source="store",
-                ) from exc
+                raise _unstorable(exc.orig) from exc
             raise
+        except (TypeError, ValueError) as exc:
+            raise _unstorable(exc) from exc
 
     def _raise_duplicate(self, record: CaseRecord) -> None:
         # MariaDB under REPEATABLE READ: a locking read sees the row the other writer just
@@ -706,6 +863,7 @@ class StoreTx:
         self, case_id: str, base: int, events: Sequence[NewEvent]
     ) -> list[EventRecord]:
         payloads = [dict(ev.payload) for ev in events]
+        times = [ev.at.astimezone(UTC) for ev in events]
         rows = [
             {
                 "case_id": case_id,
@@ -713,15 +871,20 @@ class StoreTx:
                 "type": ev.type,
                 "actor_id": ev.actor_id,
                 "actor_role": ev.actor_role,
-                "at": ev.at,
+                "at": at,
                 "reason": ev.reason,
                 "payload": payload,
                 "policy_version": ev.policy_version,
             }
-            for i, (ev, payload) in enumerate(zip(events, payloads, strict=True), start=1)
+            for i, (ev, payload, at) in enumerate(
+                zip(events, payloads, times, strict=True), start=1
+            )
         ]
+        fast, raw = self._fast, self._raw
         try:
-            if len(rows) == 1:
+            if fast is not None and raw is not None:
+                ids = [int(fast.run(raw, fast.insert_event, row).lastrowid) for row in rows]
+            elif len(rows) == 1:
                 ids = [_new_id(self._execute_write(self._s.insert_event, rows[0]))]
             elif self._caps.multi_returning:
                 result = self._execute_write(self._s.insert_events_returning, rows)
@@ -733,11 +896,11 @@ class StoreTx:
             raise ConcurrencyConflict(case_id, base) from exc
         records = [
             EventRecord(
-                event_id, case_id, base + i, ev.type, ev.actor_id, ev.actor_role, ev.at,
+                event_id, case_id, base + i, ev.type, ev.actor_id, ev.actor_role, at,
                 ev.reason, payload, ev.policy_version,
             )
-            for i, (event_id, ev, payload) in enumerate(
-                zip(ids, events, payloads, strict=True), start=1
+            for i, (event_id, ev, payload, at) in enumerate(
+                zip(ids, events, payloads, times, strict=True), start=1
             )
         ]
         outbox = [
@@ -752,7 +915,13 @@ class StoreTx:
             }
             for rec in records
         ]
-        self._conn.execute(self._s.insert_outbox, outbox[0] if len(outbox) == 1 else outbox)
+        if fast is not None and raw is not None:
+            for row in outbox:
+                fast.run(raw, fast.insert_outbox, row)
+        else:
+            self._execute_write(
+                self._s.insert_outbox, outbox[0] if len(outbox) == 1 else outbox
+            )
         return records
 
 
@@ -814,6 +983,7 @@ class Store:
         self.metadata = self.tables.metadata
         self._stmts = _Statements(self.tables)
         self._caps: _Caps | None = None
+        self._fast: _SqliteFast | None = None
 
     @classmethod
     def from_url(
@@ -889,28 +1059,39 @@ class Store:
         if self.engine is not None:
             with self.engine.connect() as conn, conn.begin():
                 self._sqlite_begin(conn, readonly)
-                yield StoreTx(self, conn, self._capabilities(conn))
+                yield self._tx(conn)
         elif self._connection is not None:
             conn = self._connection
             if conn.in_transaction():
                 self._sqlite_begin(conn, readonly)
                 with conn.begin_nested():
-                    yield StoreTx(self, conn, self._capabilities(conn))
+                    yield self._tx(conn)
             else:
                 with conn.begin():
                     self._sqlite_begin(conn, readonly)
-                    yield StoreTx(self, conn, self._capabilities(conn))
+                    yield self._tx(conn)
         else:
             assert self._session is not None
             conn = self._session.connection()
             self._sqlite_begin(conn, readonly)
             with self._session.begin_nested():
-                yield StoreTx(self, conn, self._capabilities(conn))
+                yield self._tx(conn)
 
     def dispose(self) -> None:
         """Close the engine if this store created it (a host's engine is left alone)."""
         if self._owns_engine and self.engine is not None:
             self.engine.dispose()
+
+    def _tx(self, conn: Connection) -> StoreTx:
+        caps = self._capabilities(conn)
+        fast: tuple[_SqliteFast, sqlite3.Connection] | None = None
+        if caps.family == "sqlite":
+            raw = conn.connection.dbapi_connection
+            if isinstance(raw, sqlite3.Connection):
+                if self._fast is None:
+                    self._fast = _SqliteFast(self._stmts, self.tables, conn.dialect)
+                fast = (self._fast, raw)
+        return StoreTx(self, conn, caps, fast)
 
     def _capabilities(self, conn: Connection) -> _Caps:
         caps = self._caps
@@ -931,4 +1112,4 @@ class Store:
             return
         raw = conn.connection.dbapi_connection
         if isinstance(raw, sqlite3.Connection) and not raw.in_transaction:
-            conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
+            raw.execute("BEGIN" if readonly else "BEGIN IMMEDIATE")

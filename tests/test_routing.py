@@ -1,0 +1,155 @@
+"""Routing through durable_rules agrees with the plain-Python reference, case by case."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, reject, settings
+from hypothesis import strategies as st
+
+from gridflow import CaseValidationError, DefinitionError, RoutingError, load_policy
+from gridflow.policy import Policy
+from gridflow.schema import CaseIn, PolicyFile
+from tests import strategies as gs
+from tests.reference import reference_route
+
+
+def _load(content: dict[str, Any], tmp: Path) -> Policy:
+    (tmp / "policy.yaml").write_text(json.dumps(content, ensure_ascii=False), encoding="utf-8")
+    return load_policy(tmp, strict=False)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(policy=gs.policies(), cases=st.lists(gs.cases(), min_size=1, max_size=12))
+def test_durable_rules_path_equals_reference(policy: dict[str, Any], cases: list[dict[str, Any]]) -> None:
+    model = PolicyFile.model_validate(policy)
+    assert model.routing is not None
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            compiled = _load(policy, Path(tmp))
+        except DefinitionError as exc:
+            # the engine's regex automaton has size limits; such a policy is refused at load
+            assert all("too complex" in p.message for p in exc.errors), str(exc)
+            reject()
+        for raw in cases:
+            case = CaseIn.model_validate(raw)
+            want = reference_route(compiled, model.routing.tables, model.routing.default, case)
+            if want.error == "unique":
+                with pytest.raises(RoutingError):
+                    compiled.route(raw)
+                continue
+            got = compiled.route(raw)
+            assert [(h.table, h.rule) for h in got.hits] == want.hits, raw
+            assert (got.lead, got.tier, got.rule) == (want.lead, want.tier, want.rule)
+            assert got.assist == want.assist
+            assert got.tags == want.tags
+            assert got.summon == want.summon
+            assert got.default == (want.rule == "default")
+            assert got.policy_version == compiled.version
+
+
+@pytest.fixture(scope="module")
+def mini(tmp_path_factory: pytest.TempPathFactory) -> Policy:
+    content = {
+        "policy": {"name": "mini"},
+        "organisation": gs.ORGANISATION,
+        "departments": gs.DEPARTMENTS,
+        "categories": gs.CATEGORIES,
+        "attributes": gs.ATTRIBUTES,
+        "routing": {
+            "default": {"lead": "centre", "time_limit": "1wd"},
+            "tables": [
+                {"id": "main", "hit": "first", "rules": [
+                    {"id": "sidewalk", "when": {"category": "E04-06"},
+                     "then": {"lead": "grid-team", "pool": "p1", "time_limit": "2wh"}},
+                    {"id": "missing", "when": {"category": "S01-01", "description": "走失"},
+                     "then": {"lead": "centre", "notify": [{"broadcast": "grid",
+                                                            "within": "street"}]}},
+                    {"id": "garbage", "when": {"category": "E01-10"},
+                     "then": {"lead": "sanitation", "tier": "street"}},
+                ]},
+                {"id": "co", "hit": "collect", "rules": [
+                    {"id": "needy", "when": {"attributes": {"needy": True}},
+                     "then": {"lead": "civil-affairs", "tags": ["needy"]}},
+                ]},
+            ],
+        },
+    }
+    return _load(content, tmp_path_factory.mktemp("mini"))
+
+
+def test_decision_carries_trace_deadline_and_version(mini: Policy) -> None:
+    d = mini.route({"id": "c-1", "category": "E04-06", "location": "g3",
+                    "reported_at": "2026-03-09T16:30:00+08:00"})
+    assert (d.lead, d.tier, d.unit, d.pool, d.rule) == ("grid-team", "grid", "g3", "p1", "sidewalk")
+    assert d.time_limit == "2wh"
+    # 16:30 + 1 h of Monday, + 1 h from 08:30 Tuesday
+    assert d.due_at is not None
+    assert d.due_at.isoformat() == "2026-03-10T09:30:00+08:00"
+    assert d.source.endswith("policy.yaml:1")
+    assert d.hits[0].conditions[0].seen == "E04-06"
+    assert d.policy_version == mini.version
+
+
+def test_collect_table_adds_assisting_departments(mini: Policy) -> None:
+    d = mini.route({"category": "E01-10", "location": "g1", "attributes": {"needy": True}})
+    assert d.lead == "sanitation"
+    assert d.assist == ["civil-affairs"]
+    assert d.tags == ["needy"]
+    assert [h.rule for h in d.hits] == ["garbage", "needy"]
+
+
+def test_unmatched_case_gets_default_with_trace(mini: Policy) -> None:
+    d = mini.route({"category": "E01-01", "location": "g2"})
+    assert d.default and d.rule == "default" and d.lead == "centre"
+    assert d.explain()[0].startswith("no rule matched; default route")
+    assert d.time_limit == "1wd"
+
+
+def test_category_time_limit_is_inherited_when_rule_sets_none(mini: Policy) -> None:
+    d = mini.route({"category": "E01-10", "location": "g1"})
+    assert d.time_limit == "4wh"
+
+
+def test_broadcast_reaches_every_grid_of_the_street(mini: Policy) -> None:
+    d = mini.route({"category": "S01-01", "location": "g2", "description": "老人走失"})
+    assert d.notify[0].units == ["g1", "g2", "g3", "g4"]
+
+
+def test_exclude_skips_departments_that_returned_the_case(mini: Policy) -> None:
+    d = mini.route({"category": "E04-06", "location": "g3"}, exclude=["grid-team"])
+    assert d.default and d.lead == "centre"
+
+
+@pytest.mark.parametrize(
+    ("case", "fields"),
+    [
+        ({"location": "g1"}, ["category"]),
+        ({"category": "E01-10"}, ["location"]),
+        ({"category": "E01-1O", "location": "g1"}, ["category"]),
+        ({"category": "E01-10", "location": "g9"}, ["location"]),
+        ({"category": "E01-10", "location": "g1", "attributes": {"households": "many"}},
+         ["attributes.households"]),
+        ({"category": "E01-10", "location": "g1", "attributes": {"floors": 3}},
+         ["attributes.floors"]),
+        ({"category": "E01-10", "location": "g1", "reported_at": "2026-03-09T10:00:00"},
+         ["reported_at"]),
+        ({"category": "E01-10", "location": "g1", "channel": "pigeon"}, ["channel"]),
+        ({"category": 7, "location": "g1", "colour": "red"}, ["category", "colour"]),
+    ],
+)
+def test_invalid_case_names_the_field(mini: Policy, case: dict[str, Any], fields: list[str]) -> None:
+    with pytest.raises(CaseValidationError) as info:
+        mini.route(case)
+    assert sorted(info.value.fields) == sorted(fields)
+    for f in fields:
+        assert f in str(info.value)
+
+
+def test_near_miss_category_is_suggested(mini: Policy) -> None:
+    with pytest.raises(CaseValidationError, match="did you mean 'E01-10'"):
+        mini.route({"category": "E0l-10", "location": "g1"})

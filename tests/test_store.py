@@ -1,0 +1,780 @@
+"""The event store on every backend (see conftest.py for the ``store`` fixture)."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import pytest
+import sqlalchemy as sa
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy.orm import Session
+
+from gridflow.errors import CaseNotFound, CaseValidationError, ConcurrencyConflict
+from gridflow.store import (
+    CaseRecord,
+    EventRecord,
+    IdempotencyConflict,
+    NewEvent,
+    Store,
+    StoreTx,
+)
+
+if TYPE_CHECKING:
+    from tests.conftest import TestDatabase
+
+CST = timezone(timedelta(hours=8), "CST")
+T0 = datetime(2025, 3, 3, 9, 0, tzinfo=CST)  # a Monday morning in Beijing
+T = TypeVar("T")
+
+
+def at(hours: float) -> datetime:
+    return T0 + timedelta(hours=hours)
+
+
+def new_case(case_id: str | None = None, *, version: int = 1, **kw: Any) -> CaseRecord:
+    kw.setdefault("state", "reported")
+    kw.setdefault("data", {"description": "小区门口暴露垃圾", "location": "湖塘镇-网格4"})
+    return CaseRecord(case_id or uuid.uuid4().hex, version, **kw)
+
+
+def ev(type_: str = "report", hours: float = 0, **kw: Any) -> NewEvent:
+    kw.setdefault("actor_id", "w-001")
+    kw.setdefault("actor_role", "grid_worker")
+    return NewEvent(type_, at=at(hours), **kw)
+
+
+def count(store: Store, table: str, case_id: str | None = None) -> int:
+    t = getattr(store.tables, table)
+    stmt = sa.select(sa.func.count()).select_from(t)
+    if case_id is not None:
+        stmt = stmt.where(t.c.case_id == case_id)
+    with store.transaction(readonly=True) as tx:
+        return int(tx.connection.execute(stmt).scalar_one())
+
+
+def create(store: Store, record: CaseRecord, events: list[NewEvent] | None = None) -> None:
+    with store.transaction() as tx:
+        tx.insert_case(record, events or [ev()])
+
+
+def run_threads(n: int, fn: Callable[[int], T]) -> list[T | BaseException]:
+    """Run ``fn(i)`` in ``n`` threads; results or the exceptions they raised."""
+
+    def guarded(i: int) -> T | BaseException:
+        try:
+            return fn(i)
+        except Exception as exc:
+            return exc
+
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(guarded, range(n)))
+
+
+def needs_connections(backend: str) -> None:
+    if backend == "sqlite-memory":
+        pytest.skip("in-memory SQLite is one shared connection: no concurrent transactions")
+
+
+# ------------------------------------------------------------------------ round trip
+
+
+def test_case_and_events_round_trip(store: Store) -> None:
+    record = new_case(
+        "WJ-2025-000001",
+        idempotency_key="app:张三:20250303-0900",
+        category="01-10 暴露垃圾",
+        unit="武进区/湖塘镇/花园社区/网格4",
+        lead_department="区城管局",
+        pool="环卫一队",
+        tier="grid",
+        due_at=at(4),
+        warn_at=at(3.2),
+        reported_at=at(0),
+        policy_version="sha256:abc",
+        data={"描述": "垃圾桶满溢 🗑️", "photos": ["https://x/1.jpg"], "n": 3, "ok": True},
+    )
+    first = NewEvent(
+        "report",
+        "w-李四",
+        "网格员",
+        at(0),
+        reason=None,
+        payload={"渠道": "巡查", "nested": {"list": [1, 2.5, None, "𠀀"]}},
+        policy_version="sha256:abc",
+    )
+    with store.transaction() as tx:
+        written = tx.insert_case(record, [first])
+    assert [e.seq for e in written] == [1]
+    assert written[0].at == at(0) and written[0].at.tzinfo is UTC
+
+    with store.transaction() as tx:
+        got = tx.require_case("WJ-2025-000001")
+        assert got.version == 1
+        assert got.data == record.data
+        assert got.due_at == at(4) and got.due_at is not None and got.due_at.tzinfo is UTC
+        assert got.updated_at == at(0)
+        for name in ("idempotency_key", "category", "unit", "lead_department", "pool", "tier",
+                     "warn_at", "reported_at", "policy_version"):
+            assert getattr(got, name) == getattr(record, name), name
+        assert tx.case_by_idempotency_key("app:张三:20250303-0900") == got
+        got.state = "filed"
+        got.handler = "h-王五"
+        more = tx.append(got, 1, [ev("file", 0.5, actor_role="受理员", reason="立案 ✔")])
+        assert got.version == 2
+
+    with store.transaction() as tx:
+        history = tx.history("WJ-2025-000001")
+        assert history == written + more
+        assert history[1].reason == "立案 ✔"
+        assert history[0].payload == first.payload
+        assert tx.require_case("WJ-2025-000001").handler == "h-王五"
+        assert tx.get_case("nope") is None
+        assert tx.case_by_idempotency_key("nope") is None
+        with pytest.raises(CaseNotFound):
+            tx.require_case("nope")
+
+
+json_leaf = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(st.characters(codec="utf-8"), max_size=12)
+    | st.sampled_from(["暴露垃圾", "占道经营", "网格长", "𠀀𠀁", "😀"])
+)
+json_values = st.recursive(
+    json_leaf,
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.text(st.characters(codec="utf-8"), max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+plain_text = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), max_size=30)
+zones = st.integers(-14 * 60, 14 * 60).map(lambda m: timezone(timedelta(minutes=m)))
+aware = st.datetimes(
+    min_value=datetime(1900, 1, 2), max_value=datetime(2200, 1, 1), timezones=zones
+)
+new_events = st.builds(
+    NewEvent,
+    type=st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1,
+                 max_size=64),
+    actor_id=st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1,
+                     max_size=128),
+    actor_role=st.sampled_from(["网格员", "grid_worker", "dispatcher", "受理员"]),
+    at=aware,
+    reason=st.none() | plain_text,
+    payload=st.dictionaries(st.text(max_size=8), json_values, max_size=5),
+    policy_version=st.none() | st.text(st.characters(codec="utf-8", exclude_characters="\x00"),
+                                       max_size=64),
+)
+
+
+@settings(
+    max_examples=20,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    data=st.dictionaries(st.text(max_size=8), json_values, max_size=5),
+    due_at=st.none() | aware,
+    first=new_events,
+    batches=st.lists(st.lists(new_events, min_size=1, max_size=3), max_size=3),
+)
+def test_round_trip_property(
+    store: Store,
+    data: dict[str, Any],
+    due_at: datetime | None,
+    first: NewEvent,
+    batches: list[list[NewEvent]],
+) -> None:
+    case_id = uuid.uuid4().hex
+    record = new_case(case_id, data=data, due_at=due_at)
+    written: list[EventRecord] = []
+    with store.transaction() as tx:
+        written += tx.insert_case(record, [first])
+    for batch in batches:
+        with store.transaction() as tx:
+            current = tx.require_case(case_id)
+            written += tx.append(current, current.version, batch)
+    with store.transaction(readonly=True) as tx:
+        stored = tx.require_case(case_id)
+        history = tx.history(case_id)
+    assert stored.data == data
+    assert stored.due_at == due_at
+    assert stored.version == len(history) == 1 + sum(len(b) for b in batches)
+    assert history == written
+    assert [e.seq for e in history] == list(range(1, len(history) + 1))
+    for original, got in zip([first, *[e for b in batches for e in b]], history, strict=True):
+        assert (got.type, got.actor_id, got.reason, got.policy_version) == (
+            original.type, original.actor_id, original.reason, original.policy_version
+        )
+        assert got.at == original.at and got.at.tzinfo is UTC
+        assert got.payload == original.payload
+
+
+def test_unicode_keys_are_exact(store: Store) -> None:
+    """utf8mb4 and binary collation on MariaDB: 4-byte characters, case-sensitive keys."""
+    create(store, new_case("a", idempotency_key="Key-😀"))
+    create(store, new_case("b", idempotency_key="key-😀"))
+    create(store, new_case("c", idempotency_key="Key-😁"))
+    create(store, new_case("A", idempotency_key="键-𠀀"))
+    with store.transaction() as tx:
+        assert tx.require_case("a").idempotency_key == "Key-😀"
+        assert tx.require_case("A").idempotency_key == "键-𠀀"
+        found = tx.case_by_idempotency_key("key-😀")
+        assert found is not None and found.case_id == "b"
+        found = tx.case_by_idempotency_key("Key-😁")
+        assert found is not None and found.case_id == "c"
+
+
+# ------------------------------------------------------------------------ sequences
+
+
+def test_sequence_numbers_are_gap_free(store: Store) -> None:
+    create(store, new_case("c1", version=2), [ev("report"), ev("auto_file", 0.1)])
+    for i in range(5):
+        with store.transaction() as tx:
+            rec = tx.require_case("c1")
+            batch = [ev(f"step{i}", i + 1)] if i % 2 else [ev(f"step{i}a", i), ev(f"step{i}b", i)]
+            written = tx.append(rec, rec.version, batch)
+            assert [e.seq for e in written] == list(
+                range(rec.version - len(batch) + 1, rec.version + 1)
+            )
+    with store.transaction() as tx:
+        history = tx.history("c1")
+        assert [e.seq for e in history] == list(range(1, len(history) + 1))
+        assert tx.require_case("c1").version == len(history) == 10
+        assert [e.id for e in history] == sorted(e.id for e in history)
+    assert count(store, "outbox", "c1") == 10
+
+
+# ------------------------------------------------------------------------ concurrency
+
+
+def test_stale_version_conflicts_and_writes_nothing(store: Store) -> None:
+    create(store, new_case("c1"))
+    with store.transaction() as tx:
+        stale = tx.require_case("c1")
+    with store.transaction() as tx:
+        fresh = tx.require_case("c1")
+        fresh.state = "filed"
+        tx.append(fresh, 1, [ev("file", 1)])
+    stale.state = "cancelled"
+    with pytest.raises(ConcurrencyConflict) as info, store.transaction() as tx:
+        tx.append(stale, 1, [ev("cancel", 1), ev("note", 1)])
+    assert (info.value.case_id, info.value.expected_version, info.value.actual_version) == (
+        "c1", 1, 2,
+    )
+    assert count(store, "events", "c1") == 2
+    assert count(store, "outbox", "c1") == 2
+    with store.transaction() as tx:
+        assert tx.require_case("c1").state == "filed"
+
+
+def test_append_to_missing_case(store: Store) -> None:
+    with pytest.raises(CaseNotFound), store.transaction() as tx:
+        tx.append(new_case("ghost"), 0, [ev()])
+    assert count(store, "events") == 0
+
+
+def test_concurrent_appends_exactly_one_wins(store: Store, store_backend: str) -> None:
+    needs_connections(store_backend)
+    create(store, new_case("c1"))
+    workers = 4
+    barrier = threading.Barrier(workers)
+
+    def advance(i: int) -> int:
+        record = new_case("c1", state=f"s{i}")
+        barrier.wait(timeout=30)
+        with store.transaction() as tx:
+            tx.append(record, 1, [ev(f"by{i}", 1, actor_id=f"w{i}"), ev("again", 1)])
+        return i
+
+    results = run_threads(workers, advance)
+    winners = [r for r in results if isinstance(r, int)]
+    losers = [r for r in results if not isinstance(r, int)]
+    assert len(winners) == 1, results
+    assert all(isinstance(r, ConcurrencyConflict) for r in losers), losers
+    with store.transaction() as tx:
+        history = tx.history("c1")
+        case = tx.require_case("c1")
+    assert [e.seq for e in history] == [1, 2, 3]
+    assert history[1].type == f"by{winners[0]}"
+    assert case.state == f"s{winners[0]}" and case.version == 3
+    assert count(store, "outbox", "c1") == 3
+
+
+def test_blocked_writer_sees_conflict_after_commit(store: Store, store_backend: str) -> None:
+    """The second writer waits for the first (row lock, or SQLite's write lock) and then
+    finds the version moved on."""
+    needs_connections(store_backend)
+    create(store, new_case("c1"))
+    outcome: list[BaseException | None] = []
+    started = threading.Event()
+
+    def second() -> None:
+        started.set()
+        try:
+            with store.transaction() as tx:
+                tx.append(new_case("c1", state="second"), 1, [ev("second", 2)])
+            outcome.append(None)
+        except Exception as exc:
+            outcome.append(exc)
+
+    with store.transaction() as tx:
+        tx.append(new_case("c1", state="first"), 1, [ev("first", 1)])
+        thread = threading.Thread(target=second)
+        thread.start()
+        started.wait(10)
+        time.sleep(0.3)  # let it block on the lock
+        assert not outcome
+    thread.join(30)
+    assert len(outcome) == 1 and isinstance(outcome[0], ConcurrencyConflict)
+    with store.transaction() as tx:
+        assert [e.type for e in tx.history("c1")] == ["report", "first"]
+    assert count(store, "outbox", "c1") == 2
+
+
+def test_failure_inside_transaction_rolls_everything_back(store: Store) -> None:
+    create(store, new_case("a"))
+    create(store, new_case("b"))
+    with pytest.raises(ConcurrencyConflict), store.transaction() as tx:
+        rec = tx.require_case("a")
+        tx.append(rec, 1, [ev("file", 1)])
+        tx.set_timers("a", [("overdue", at(5))])
+        tx.insert_case(new_case("c"), [ev()])
+        tx.append(new_case("b"), 7, [ev("file", 1)])  # stale: raises
+    assert count(store, "events", "a") == 1
+    assert count(store, "outbox") == 2
+    assert count(store, "timers") == 0
+    with store.transaction() as tx:
+        assert tx.require_case("a").version == 1
+        assert tx.get_case("c") is None
+
+
+def test_exception_in_block_rolls_back(store: Store) -> None:
+    with pytest.raises(RuntimeError, match="boom"), store.transaction() as tx:
+        tx.insert_case(new_case("c1"), [ev()])
+        tx.set_timers("c1", [("warn", at(1))])
+        raise RuntimeError("boom")
+    assert count(store, "cases") == count(store, "events") == 0
+    assert count(store, "outbox") == count(store, "timers") == 0
+
+
+# ------------------------------------------------------------------------ idempotency
+
+
+def test_idempotency_key_conflict_carries_existing_case(store: Store) -> None:
+    create(store, new_case("first", idempotency_key="hotline:12345:778"))
+    with store.transaction() as tx:
+        with pytest.raises(IdempotencyConflict) as info:
+            tx.insert_case(new_case("second", idempotency_key="hotline:12345:778"), [ev()])
+        err = info.value
+        assert isinstance(err, ConcurrencyConflict)
+        assert err.existing_case_id == err.case_id == "first"
+        assert err.attempted_case_id == "second"
+        assert "first" in str(err)
+        # the transaction is still usable after the refused insert
+        existing = tx.case_by_idempotency_key("hotline:12345:778")
+        assert existing is not None and existing.case_id == "first"
+        tx.insert_case(new_case("third", idempotency_key="other"), [ev()])
+    assert count(store, "cases") == 2
+    assert count(store, "events", "second") == 0
+    assert count(store, "outbox", "second") == 0
+
+
+def test_duplicate_case_id_is_a_conflict(store: Store) -> None:
+    create(store, new_case("dup"))
+    with pytest.raises(ConcurrencyConflict) as info, store.transaction() as tx:
+        tx.insert_case(new_case("dup"), [ev()])
+    assert not isinstance(info.value, IdempotencyConflict)
+    assert info.value.actual_version == 1
+    assert count(store, "events", "dup") == 1
+
+
+def test_concurrent_intake_with_one_key_yields_one_case(
+    store: Store, store_backend: str
+) -> None:
+    needs_connections(store_backend)
+    workers = 4
+    barrier = threading.Barrier(workers)
+
+    def intake(i: int) -> str:
+        barrier.wait(timeout=30)
+        with store.transaction() as tx:
+            tx.insert_case(new_case(f"case-{i}", idempotency_key="same-report"), [ev()])
+        return f"case-{i}"
+
+    results = run_threads(workers, intake)
+    winners = [r for r in results if isinstance(r, str)]
+    assert len(winners) == 1, results
+    for r in results:
+        if not isinstance(r, str):
+            assert isinstance(r, IdempotencyConflict), r
+            assert r.existing_case_id == winners[0]
+    assert count(store, "cases") == 1
+    assert count(store, "events") == count(store, "outbox") == 1
+
+
+# ------------------------------------------------------------------------ timers
+
+
+def test_timers_fire_once_and_in_order(store: Store) -> None:
+    create(store, new_case("a"))
+    create(store, new_case("b"))
+    with store.transaction() as tx:
+        tx.set_timers("a", [("warn", at(3)), ("overdue", at(4)), ("warn", at(3))])
+        tx.set_timers("b", [("overdue", at(2))])
+    with store.transaction() as tx:
+        assert tx.claim_due_timers(at(1)) == []
+        fired = tx.claim_due_timers(at(3))
+    assert [(t.case_id, t.kind, t.due_at) for t in fired] == [
+        ("b", "overdue", at(2)), ("a", "warn", at(3)),
+    ]
+    assert all(t.fired_at == at(3) for t in fired)
+    with store.transaction() as tx:
+        assert tx.claim_due_timers(at(3)) == []  # tick(now) twice: nothing the second time
+        # re-planning the same deadlines does not re-arm what already fired
+        tx.set_timers("a", [("warn", at(3)), ("overdue", at(4)), ("escalate", at(6))])
+        assert [(t.kind, t.fired_at is not None) for t in tx.timers("a")] == [
+            ("warn", True), ("overdue", False), ("escalate", False),
+        ]
+        # an extension moves the deadline: unfired timers are replaced
+        tx.set_timers("a", [("overdue", at(8))])
+        assert [(t.kind, t.due_at) for t in tx.timers("a")] == [
+            ("warn", at(3)), ("overdue", at(8)),
+        ]
+        assert tx.claim_due_timers(at(7)) == []
+        assert [t.kind for t in tx.claim_due_timers(at(100))] == ["overdue"]
+        tx.set_timers("b", [])
+        assert len(tx.timers("b")) == 1
+
+
+def test_claim_limit(store: Store) -> None:
+    create(store, new_case("a"))
+    with store.transaction() as tx:
+        tx.set_timers("a", [(f"k{i}", at(i / 10)) for i in range(7)])
+    claimed: list[str] = []
+    while True:
+        with store.transaction() as tx:
+            batch = tx.claim_due_timers(at(10), limit=3)
+        if not batch:
+            break
+        assert len(batch) <= 3
+        claimed += [t.kind for t in batch]
+    assert claimed == [f"k{i}" for i in range(7)]
+
+
+def test_timers_claimed_exactly_once_by_concurrent_workers(
+    store: Store, store_backend: str
+) -> None:
+    needs_connections(store_backend)
+    cases = [f"c{i}" for i in range(10)]
+    for case_id in cases:
+        create(store, new_case(case_id))
+    with store.transaction() as tx:
+        for i, case_id in enumerate(cases):
+            tx.set_timers(case_id, [("warn", at(i / 10)), ("overdue", at(1 + i / 10))])
+
+    def worker(_: int) -> list[int]:
+        mine: list[int] = []
+        while True:
+            with store.transaction() as tx:
+                batch = tx.claim_due_timers(at(5), limit=2)
+            if not batch:
+                return mine
+            mine += [t.id for t in batch]
+
+    results = run_threads(4, worker)
+    ids = [i for r in results if isinstance(r, list) for i in r]
+    assert all(isinstance(r, list) for r in results), results
+    assert len(ids) == len(set(ids)) == 20
+
+
+def test_skip_locked_lets_workers_claim_side_by_side(
+    store: Store, store_backend: str
+) -> None:
+    """PostgreSQL/MariaDB: while one worker holds its claimed timers (uncommitted), another
+    claims different ones without waiting."""
+    if store_backend.startswith("sqlite"):
+        pytest.skip("SQLite serializes writers; covered by the exactly-once test")
+    create(store, new_case("a"))
+    with store.transaction() as tx:
+        tx.set_timers("a", [(f"k{i}", at(i)) for i in range(6)])
+    barrier = threading.Barrier(2)
+
+    def worker(_: int) -> list[str]:
+        with store.transaction() as tx:
+            kinds = [t.kind for t in tx.claim_due_timers(at(10), limit=3)]
+            barrier.wait(timeout=20)  # both hold their locks here
+        return kinds
+
+    results = run_threads(2, worker)
+    assert all(isinstance(r, list) for r in results), results
+    kinds = [k for r in results if isinstance(r, list) for k in r]
+    assert sorted(kinds) == [f"k{i}" for i in range(6)]
+
+
+# ------------------------------------------------------------------------ outbox
+
+
+def test_outbox_in_order_and_ack(store: Store) -> None:
+    create(store, new_case("a"), [ev("report", 0)])
+    create(store, new_case("b"), [ev("report", 0.1)])
+    with store.transaction() as tx:
+        a = tx.require_case("a")
+        tx.append(a, 1, [ev("file", 1), ev("dispatch", 1, payload={"部门": "城管"})])
+    with store.transaction() as tx:
+        msgs = tx.outbox_fetch()
+    assert [(m.case_id, m.seq) for m in msgs] == [("a", 1), ("b", 1), ("a", 2), ("a", 3)]
+    assert [m.id for m in msgs] == sorted(m.id for m in msgs)
+    assert msgs[3].payload["payload"] == {"部门": "城管"}
+    assert msgs[3].payload["seq"] == 3 and msgs[3].type == "dispatch"
+    assert msgs[3].payload["at"] == at(1).astimezone(UTC).isoformat()
+    with store.transaction() as tx:
+        history = tx.history("a")
+    assert msgs[3].payload == history[2].to_dict()
+    assert msgs[3].event_id == history[2].id
+
+    with store.transaction() as tx:
+        first_two = tx.outbox_fetch(limit=2)
+        assert [m.id for m in first_two] == [m.id for m in msgs[:2]]
+        tx.outbox_ack([m.id for m in first_two], at(2))
+    with store.transaction() as tx:
+        rest = tx.outbox_fetch()
+        assert [m.id for m in rest] == [m.id for m in msgs[2:]]
+        tx.outbox_ack([m.id for m in rest], at(3))
+        tx.outbox_ack([m.id for m in rest], at(9))  # acking twice is harmless
+        assert tx.outbox_fetch() == []
+        assert tx.outbox_purge(at(2.5)) == 2
+    assert count(store, "outbox") == 2
+
+
+def test_outbox_fetch_keeps_case_order_across_publishers(
+    store: Store, store_backend: str
+) -> None:
+    """While one publisher holds case a's first messages, another gets none of case a's
+    later messages (they would overtake), but does get other cases'."""
+    if store_backend.startswith("sqlite"):
+        pytest.skip("SQLite serializes publishers")
+    create(store, new_case("a"), [ev("report", 0)])
+    with store.transaction() as tx:
+        tx.append(tx.require_case("a"), 1, [ev("file", 1), ev("dispatch", 2)])
+    create(store, new_case("b"), [ev("report", 3)])
+    held = threading.Event()
+    release = threading.Event()
+
+    def first_publisher() -> None:
+        with store.transaction() as tx:
+            got = tx.outbox_fetch(limit=1)
+            assert [(m.case_id, m.seq) for m in got] == [("a", 1)]
+            held.set()
+            release.wait(20)
+
+    thread = threading.Thread(target=first_publisher)
+    thread.start()
+    try:
+        assert held.wait(20)
+        with store.transaction() as tx:
+            got = tx.outbox_fetch(limit=10)
+        assert [(m.case_id, m.seq) for m in got] == [("b", 1)]
+    finally:
+        release.set()
+        thread.join(30)
+    with store.transaction() as tx:
+        got = tx.outbox_fetch(limit=10)
+    assert [(m.case_id, m.seq) for m in got] == [("a", 1), ("a", 2), ("a", 3), ("b", 1)]
+
+
+# ------------------------------------------------------------------------ queries
+
+
+def test_worklist_queries(store: Store) -> None:
+    specs = [
+        ("c1", "handling", "城管局", "p1", "u1", "h1", at(5), at(4), None),
+        ("c2", "handling", "城管局", "p1", "u2", None, at(2), at(1), None),
+        ("c3", "dispatched", "环保局", "p2", "u1", None, None, None, None),
+        ("c4", "closed", "城管局", "p1", "u1", "h1", at(1), at(0.5), at(3)),
+    ]
+    for cid, state, dept, pool, unit, handler, due, warn, closed in specs:
+        create(store, new_case(cid, state=state, lead_department=dept, pool=pool, unit=unit,
+                               handler=handler, due_at=due, warn_at=warn, closed_at=closed))
+    with store.transaction(readonly=True) as tx:
+        def ids(**kw: Any) -> list[str]:
+            return [c.case_id for c in tx.query_cases(**kw)]
+
+        assert ids() == ["c4", "c2", "c1", "c3"]  # by due time, no due time last
+        assert ids(order_by_due=False) == ["c1", "c2", "c3", "c4"]
+        assert ids(lead_department="城管局", open_only=True) == ["c2", "c1"]
+        assert ids(states=["handling", "dispatched"], unit="u1") == ["c1", "c3"]
+        assert ids(pool="p1", handler="h1") == ["c4", "c1"]
+        assert ids(due_before=at(2), open_only=True) == ["c2"]
+        assert ids(warn_before=at(4)) == ["c4", "c2", "c1"]
+        assert ids(states=[]) == []
+        assert ids(limit=2) == ["c4", "c2"]
+        assert [c.case_id for c in tx.iter_cases(batch=3)] == ["c1", "c2", "c3", "c4"]
+        assert [c.case_id for c in tx.iter_cases(batch=2)] == ["c1", "c2", "c3", "c4"]
+
+
+# ------------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize(
+    ("make", "field"),
+    [
+        (lambda: (new_case("x", reported_at=datetime(2025, 1, 1)), [ev()]), "reported_at"),
+        (lambda: (new_case("x"), [NewEvent("r", "a", "b", datetime(2025, 1, 1))]),
+         "events[0].at"),
+        (lambda: (new_case("x" * 65), [ev()]), "case_id"),
+        (lambda: (new_case("x", lead_department="部" * 129), [ev()]), "lead_department"),
+        (lambda: (new_case("x"), [ev(reason="a\x00b")]), "events[0].reason"),
+        (lambda: (new_case("x", version=2), [ev()]), "version"),
+        (lambda: (new_case("x", version=0), []), "events"),
+        (lambda: (new_case("x", data={"when": datetime(2025, 1, 1, tzinfo=UTC)}), [ev()]),
+         "data/payload"),
+        (lambda: (new_case("x"), [ev(payload={"obj": object()})]), "data/payload"),
+    ],
+)
+def test_bad_input_is_refused_and_writes_nothing(
+    store: Store, make: Callable[[], tuple[CaseRecord, list[NewEvent]]], field: str
+) -> None:
+    record, events = make()
+    with pytest.raises(CaseValidationError) as info, store.transaction() as tx:
+        tx.insert_case(record, events)
+    assert field in info.value.fields
+    assert count(store, "cases") == count(store, "events") == count(store, "outbox") == 0
+
+
+def test_naive_timer_and_now_are_refused(store: Store) -> None:
+    create(store, new_case("a"))
+    with store.transaction() as tx:
+        with pytest.raises(CaseValidationError):
+            tx.set_timers("a", [("warn", datetime(2025, 1, 1))])
+        with pytest.raises(CaseValidationError):
+            tx.claim_due_timers(datetime(2025, 1, 1))
+
+
+# ------------------------------------------------------------------------ embedding
+
+
+def _host_engine(store: Store, db: TestDatabase | None) -> tuple[sa.Engine, bool]:
+    """A plain engine the way a host would make it (no gridflow settings), and whether the
+    test owns it."""
+    if db is not None:
+        return sa.create_engine(db.url), True
+    assert store.engine is not None
+    if store.engine.url.database in (None, "", ":memory:"):
+        return store.engine, False  # the one shared in-memory connection
+    return sa.create_engine(store.engine.url), True
+
+
+@pytest.mark.parametrize("host_commits", [False, True])
+def test_host_connection_transaction_decides(
+    store: Store, server_db: TestDatabase | None, host_commits: bool
+) -> None:
+    engine, owned = _host_engine(store, server_db)
+    schema = store.tables.schema
+    try:
+        with engine.connect() as conn:
+            outer = conn.begin()
+            hosted = Store(conn, schema=schema)
+            with hosted.transaction() as tx:
+                tx.insert_case(new_case("hosted"), [ev()])
+                tx.set_timers("hosted", [("warn", at(1))])
+            with pytest.raises(RuntimeError), hosted.transaction() as tx:  # savepoint only
+                tx.insert_case(new_case("doomed"), [ev()])
+                raise RuntimeError("fail inside")
+            with hosted.transaction() as tx:
+                assert tx.get_case("hosted") is not None
+                assert tx.get_case("doomed") is None
+            assert conn.in_transaction()  # gridflow did not end the host's transaction
+            if host_commits:
+                outer.commit()
+            else:
+                outer.rollback()
+            hosted.dispose()
+    finally:
+        if owned:
+            engine.dispose()
+    expected = 1 if host_commits else 0
+    assert count(store, "cases") == count(store, "events") == expected
+    assert count(store, "outbox") == count(store, "timers") == expected
+
+
+def test_host_session(store: Store, server_db: TestDatabase | None) -> None:
+    engine, owned = _host_engine(store, server_db)
+    try:
+        with Session(engine) as session:
+            hosted = Store(session, schema=store.tables.schema)
+            with hosted.transaction() as tx:
+                tx.insert_case(new_case("s1"), [ev()])
+            session.rollback()
+            with hosted.transaction() as tx:
+                tx.insert_case(new_case("s2"), [ev()])
+            session.commit()
+    finally:
+        if owned:
+            engine.dispose()
+    with store.transaction() as tx:
+        assert tx.get_case("s1") is None
+        assert tx.get_case("s2") is not None
+
+
+def test_host_connection_without_transaction_commits_its_own(
+    store: Store, server_db: TestDatabase | None
+) -> None:
+    engine, owned = _host_engine(store, server_db)
+    try:
+        with engine.connect() as conn:
+            hosted = Store(conn, schema=store.tables.schema)
+            with hosted.transaction() as tx:
+                tx.insert_case(new_case("own"), [ev()])
+            assert not conn.in_transaction()
+    finally:
+        if owned:
+            engine.dispose()
+    assert count(store, "cases") == 1
+
+
+def test_table_prefix_is_respected(store: Store, server_db: TestDatabase | None) -> None:
+    if server_db is not None:
+        other = server_db.store(table_prefix="city_gf_")
+    else:
+        assert store.engine is not None
+        other = Store(store.engine, table_prefix="city_gf_")
+    assert {t.name for t in other.metadata.sorted_tables} == {
+        "city_gf_cases", "city_gf_events", "city_gf_outbox", "city_gf_timers",
+    }
+    other.create_all()
+    try:
+        create(other, new_case("p1"))
+        with other.transaction() as tx:
+            inspector = sa.inspect(tx.connection)
+            names = set(inspector.get_table_names(schema=store.tables.schema))
+            assert {"city_gf_cases", "city_gf_events", "city_gf_timers", "city_gf_outbox"} <= (
+                names
+            )
+            indexes = inspector.get_indexes("city_gf_cases", schema=store.tables.schema)
+            assert indexes
+            assert all(str(i["name"]).startswith(("ix_city_gf_", "uq_city_gf_")) for i in indexes)
+        assert count(other, "cases") == 1
+        assert count(store, "cases") == 0
+    finally:
+        other.drop_all()
+        other.dispose()
+
+
+def test_transaction_type() -> None:
+    with Store() as s:
+        s.create_all()
+        with s.transaction() as tx:
+            assert isinstance(tx, StoreTx)
+        assert "sqlite" in repr(s)
+    with pytest.raises(TypeError):
+        Store(42)  # type: ignore[arg-type]
