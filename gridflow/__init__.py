@@ -8,6 +8,7 @@ Typical use::
 """
 
 from gridflow.calendar import BusinessCalendar, CalendarYear, Duration, parse_duration
+from gridflow.engine import Actor, Engine
 from gridflow.errors import (
     CalendarRangeError,
     CaseNotFound,
@@ -30,6 +31,7 @@ from gridflow.schema import CaseIn
 __version__ = "0.1.0"
 
 __all__ = [
+    "Actor",
     "BusinessCalendar",
     "CalendarRangeError",
     "CalendarYear",
@@ -40,6 +42,7 @@ __all__ = [
     "Decision",
     "DefinitionError",
     "Duration",
+    "Engine",
     "GridflowError",
     "GridflowRuntimeError",
     "Policy",

@@ -50,7 +50,11 @@ def _load(directory: str, report: Console = _out) -> Policy:
 
 def _read_json(path: str) -> Any:
     try:
-        raw = click.get_binary_stream("stdin").read() if path == "-" else Path(path).read_bytes()
+        if path == "-":
+            stdin = getattr(sys.stdin, "buffer", None)  # bytes, so encoding errors are ours
+            raw = stdin.read() if stdin is not None else sys.stdin.read().encode("utf-8")
+        else:
+            raw = Path(path).read_bytes()
     except OSError as exc:
         raise click.UsageError(f"cannot read {path}: {exc.strerror}") from None
     try:

@@ -273,6 +273,11 @@ class _Lowerer:
 
             c = self.field((*path, key), TIME_FIELDS[key], f"reported.{key}", value,
                            (*_EQUALITY, *_ORDER), in_range)
+            if isinstance(value, Match):
+                for op in _ORDER:
+                    bound = getattr(value, op)
+                    if bound is not None:
+                        in_range((*path, key, op), bound)
             if c is not None:
                 parts.append(c)
         if not parts:

@@ -186,7 +186,8 @@ def _schema_problems(located: Located, exc: ValidationError, prefix: YPath = ())
             problems.append(located.problem(p, f"missing required key(s): {', '.join(names)}"))
             continue
         messages: list[str] = []
-        for e in errs:
+        value_errors = [e for e in errs if e["type"] == "value_error"]
+        for e in value_errors or errs:
             msg = str(e["msg"]).removeprefix("Value error, ")
             if msg not in messages:
                 messages.append(msg)
@@ -587,7 +588,11 @@ class _Builder:
                                ) -> None:
                         self.err(located, p, msg, suggestion=hint)
 
+                    before = len(self.problems)
                     cond = lower_when(rule.when, ctx, report, (*rpath, "when"))
+                    if len(self.problems) > before:
+                        self.incomplete = True
+                        continue  # a broken condition must not feed lint checks
                     if not rule.enabled:
                         continue
                     t_specs.append(RuleSpec(rule.id, cond))

@@ -18,8 +18,11 @@ from gridflow.conditions import (
     DESCRIPTION,
     TIME_FIELDS,
     URGENCY,
+    AllOf,
     Cond,
+    Test,
     attr_field,
+    describe,
     level_field,
     tests_of,
 )
@@ -290,7 +293,7 @@ class Router:
             notify_specs += list(outcome.notify)
         tier = primary.tier or reg.departments[primary.lead].tier
         limit_text = (
-            _pick_limit(primary.time_limit, urgency)
+            (None if default else _pick_limit(primary.time_limit, urgency))
             or _pick_limit(info.time_limit, urgency)
             or _pick_limit(self.default.time_limit if self.default else None, urgency)
             or _pick_limit(self.default_time_limit, urgency)
@@ -339,12 +342,17 @@ class Router:
 
     @staticmethod
     def _trace(rule: RouteRule, fact: Mapping[str, Any]) -> RuleHit:
-        return RuleHit(
-            table=rule.table,
-            rule=rule.rule_id,
-            source=rule.source,
-            conditions=[
-                ConditionSeen(condition=str(t), field=t.label, seen=fact.get(t.field))
-                for t in tests_of(rule.cond)
-            ],
-        )
+        """One line per top-level condition; an ``any`` group is shown whole."""
+        items = rule.cond.items if isinstance(rule.cond, AllOf) else (rule.cond,)
+        seen: list[ConditionSeen] = []
+        for item in items:
+            tests = tests_of(item)
+            fields = list(dict.fromkeys(t.field for t in tests))
+            labels = list(dict.fromkeys(t.label for t in tests))
+            values = [fact.get(f) for f in fields]
+            seen.append(ConditionSeen(
+                condition=describe(item) if not isinstance(item, Test) else str(item),
+                field=", ".join(labels),
+                seen=values[0] if len(values) == 1 else values,
+            ))
+        return RuleHit(table=rule.table, rule=rule.rule_id, source=rule.source, conditions=seen)

@@ -6,18 +6,23 @@ fixtures available in any test suite.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
 
 from gridflow.clock import ManualClock
+from gridflow.engine import Engine
 from gridflow.loader import load_policy
 from gridflow.policy import Policy
 
-__all__ = ["gridflow_clock", "gridflow_policy_loader"]
+__all__ = ["gridflow_clock", "gridflow_engine", "gridflow_engine_factory", "gridflow_policy_loader"]
+
+#: The policy the ``gridflow_engine`` fixture uses (the example district of the repository).
+EXAMPLE_POLICY = Path(__file__).resolve().parent.parent / "examples" / "wujin"
 
 
 @pytest.fixture
@@ -38,3 +43,33 @@ def gridflow_policy_loader() -> Callable[[str | Path], Policy]:
 def gridflow_clock() -> ManualClock:
     """A manual clock at Monday 2026-03-09 09:00 Asia/Shanghai."""
     return ManualClock(datetime(2026, 3, 9, 9, 0, tzinfo=ZoneInfo("Asia/Shanghai")))
+
+
+@pytest.fixture
+def gridflow_engine_factory(
+    gridflow_clock: ManualClock,
+    gridflow_policy_loader: Callable[[str | Path], Policy],
+) -> Iterator[Callable[..., Engine]]:
+    """Build engines on private in-memory SQLite stores that share ``gridflow_clock``:
+    ``factory(policy_dir_or_policy=None, **engine_kwargs)``."""
+    made: list[Engine] = []
+
+    def make(policy: str | Path | Policy | None = None, **kwargs: Any) -> Engine:
+        if policy is None:
+            policy = EXAMPLE_POLICY
+        loaded = policy if isinstance(policy, Policy) else gridflow_policy_loader(policy)
+        kwargs.setdefault("clock", gridflow_clock)
+        engine = Engine(loaded, **kwargs)
+        made.append(engine)
+        return engine
+
+    yield make
+    for engine in made:
+        engine.dispose()
+
+
+@pytest.fixture
+def gridflow_engine(gridflow_engine_factory: Callable[..., Engine]) -> Engine:
+    """An :class:`Engine` on in-memory SQLite with ``gridflow_clock`` (a ManualClock) and
+    the example district policy (examples/wujin, when running from a source checkout)."""
+    return gridflow_engine_factory()

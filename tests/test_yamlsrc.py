@@ -12,7 +12,7 @@ from gridflow.yamlsrc import Limits, read_yaml
 
 
 def only_problem(text: str | bytes, limits: Limits | None = None) -> Problem:
-    located, problems = read_yaml("rules/f.yaml", text, limits)
+    _located, problems = read_yaml("rules/f.yaml", text, limits)
     assert len(problems) == 1, problems
     return problems[0]
 

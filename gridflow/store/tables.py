@@ -128,11 +128,14 @@ def build_tables(table_prefix: str = "gf_", schema: str | None = None) -> StoreT
         sa.Column("policy_version", _s("policy_version")),
         sa.Column("data", sa.JSON, nullable=False),
         sa.Column("updated_at", UTCDateTime(), nullable=False),
+        # Worklists: open cases (closed_at IS NULL) of a department, pool or handler; state
+        # is left out of those indexes because it changes on every step (each changed
+        # indexed column costs an index rewrite per command).
+        sa.Index(None, "lead_department", "closed_at"),
+        sa.Index(None, "pool", "closed_at"),
+        sa.Index(None, "handler", "closed_at"),
+        sa.Index(None, "unit", "closed_at"),
         sa.Index(None, "state", "due_at"),
-        sa.Index(None, "lead_department", "state"),
-        sa.Index(None, "pool", "state"),
-        sa.Index(None, "unit"),
-        sa.Index(None, "handler", "state"),
         sa.Index(None, "due_at"),
         sa.Index(None, "warn_at"),
         **_MYSQL_TABLE_KW,
@@ -180,7 +183,6 @@ def build_tables(table_prefix: str = "gf_", schema: str | None = None) -> StoreT
         sa.Column("payload", sa.JSON, nullable=False),
         sa.Column("created_at", UTCDateTime(), nullable=False),
         sa.Column("published_at", UTCDateTime()),
-        sa.UniqueConstraint("case_id", "seq"),
         sa.Index(None, "published_at", "id"),
         **_MYSQL_TABLE_KW,
     )

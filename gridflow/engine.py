@@ -1,0 +1,1008 @@
+"""The engine: a facade that carries cases through the 7-step life cycle (BRIEF §4, §6, §7).
+
+An :class:`Engine` is bound to a policy (or a :class:`~gridflow.policy.PolicyHandle`), an
+event store and a clock. Every command is ONE store transaction:
+
+1. load the case's current-state row (its projection) and version;
+2. check: the workflow graph (state and the actor's role), a reason where the trigger needs
+   one, department membership, windows, pending requests;
+3. compute the events (routing, calendar arithmetic), fold them onto the projection with
+   :func:`gridflow.projection.apply`, and append them with ``expected_version`` — a
+   concurrent writer makes the append fail with :class:`ConcurrencyConflict`;
+4. re-plan the supervision timers when they changed.
+
+Any exception rolls the transaction back: nothing is written. Every time comes from the
+injected clock (``tick(now)`` may pass one explicitly); the engine never reads the wall
+clock itself, starts no threads, and imports no database or state-machine library.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from gridflow.calendar import BusinessCalendar, Duration, parse_duration
+from gridflow.clock import Clock, SystemClock
+from gridflow.errors import (
+    CaseNotFound,
+    CaseValidationError,
+    FieldError,
+    RoleNotAllowed,
+    TransitionNotAllowed,
+)
+from gridflow.policy import Policy, PolicyHandle
+from gridflow.projection import apply, initial, iso, parse_time
+from gridflow.schema import CaseIn
+from gridflow.store import CaseRecord, EventRecord, IdempotencyConflict, NewEvent, Store
+from gridflow.store.core import StoreTx
+from gridflow.workflow import Workflow
+
+__all__ = ["SATISFACTION", "SUPERVISED_STATES", "SYSTEM", "Actor", "CaseView", "Engine"]
+
+#: States in which the time limit runs and supervision timers are armed.
+SUPERVISED_STATES: tuple[str, ...] = ("dispatched", "handling", "deferred")
+#: Accepted values of ``evaluate(satisfaction=...)``.
+SATISFACTION: tuple[str, ...] = ("satisfied", "basically_satisfied", "dissatisfied")
+_APPEAL_KINDS = ("routing", "score", "resident")
+_MAX_EVIDENCE = 50
+_MAX_TEXT = 4000
+_KEY_NAMESPACE = uuid.UUID("8f0c3c1e-6d1a-4f55-9a53-2f1e6b7c9d10")
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who fires a command: an id, a workflow role, and where they belong."""
+
+    id: str
+    role: str
+    department: str | None = None
+    unit: str | None = None
+
+
+#: The actor of supervision and automatic escalation events.
+SYSTEM = Actor("gridflow", "system")
+
+
+@dataclass(frozen=True)
+class CaseView:
+    """A read-only view of one case (its projection; ``data`` holds every field)."""
+
+    id: str
+    state: str
+    version: int
+    category: str | None
+    location: str | None
+    unit: str | None
+    lead: str | None
+    assist: tuple[str, ...]
+    summoned: tuple[str, ...]
+    tier: str | None
+    pool: str | None
+    handler: str | None
+    reported_at: datetime | None
+    dispatched_at: datetime | None
+    due_at: datetime | None
+    warn_at: datetime | None
+    closed_at: datetime | None
+    warned: bool
+    overdue: bool
+    returned_by: tuple[str, ...]
+    rework_count: int
+    reopen_count: int
+    extensions: tuple[Mapping[str, Any], ...]
+    pending_extension: Mapping[str, Any] | None
+    pending_appeal: Mapping[str, Any] | None
+    appeals: tuple[Mapping[str, Any], ...]
+    exemptions: tuple[Mapping[str, Any], ...]
+    escalations: tuple[Mapping[str, Any], ...]
+    satisfaction: str | None
+    on_spot: bool
+    verified: bool
+    evidence: tuple[str, ...]
+    decision: Mapping[str, Any] | None
+    data: Mapping[str, Any] = field(repr=False)
+
+    @classmethod
+    def from_data(cls, data: Mapping[str, Any]) -> CaseView:
+        d = data
+        return cls(
+            id=d["id"],
+            state=d["state"],
+            version=d["version"],
+            category=d["category"],
+            location=d["location"],
+            unit=d["unit"],
+            lead=d["lead"],
+            assist=tuple(d["assist"]),
+            summoned=tuple(d["summoned"]),
+            tier=d["tier"],
+            pool=d["pool"],
+            handler=d["handler"],
+            reported_at=parse_time(d["reported_at"]),
+            dispatched_at=parse_time(d["dispatched_at"]),
+            due_at=parse_time(d["due_at"]),
+            warn_at=parse_time(d["warn_at"]),
+            closed_at=parse_time(d["closed_at"]),
+            warned=d["warned"],
+            overdue=d["overdue"],
+            returned_by=tuple(d["returned_by"]),
+            rework_count=d["rework_count"],
+            reopen_count=d["reopen_count"],
+            extensions=tuple(d["extensions"]),
+            pending_extension=d["pending_extension"],
+            pending_appeal=d["pending_appeal"],
+            appeals=tuple(d["appeals"]),
+            exemptions=tuple(d["exemptions"]),
+            escalations=tuple(d["escalations"]),
+            satisfaction=d["satisfaction"],
+            on_spot=d["on_spot"],
+            verified=d["verified"],
+            evidence=tuple(d["evidence"]),
+            decision=d["decision"],
+            data=d,
+        )
+
+
+def _invalid(name: str, message: str) -> CaseValidationError:
+    return CaseValidationError([FieldError(name, message)])
+
+
+@dataclass
+class _Ctx:
+    """What a command's effect sees (everything is already loaded and checked)."""
+
+    engine: Engine
+    policy: Policy
+    workflow: Workflow
+    tx: StoreTx
+    record: CaseRecord
+    proj: dict[str, Any]
+    actor: Actor
+    trigger: str
+    state: str  # the state after the trigger
+    now: datetime
+
+    @property
+    def calendar(self) -> BusinessCalendar:
+        return self.policy.calendar
+
+    def refuse(self, message: str) -> TransitionNotAllowed:
+        return TransitionNotAllowed(
+            self.trigger,
+            self.record.state,
+            case_id=self.record.case_id,
+            role=self.actor.role,
+            reason=message,
+        )
+
+    def require_member(self, *, lead_only: bool) -> None:
+        """The actor must belong to the lead (or, unless ``lead_only``, a summoned) department."""
+        lead = self.proj.get("lead")
+        allowed = [lead] if lead_only else [lead, *self.proj.get("summoned", [])]
+        dept = self.actor.department
+        if dept is None or dept not in allowed:
+            who = f"actor '{self.actor.id}'" + (f" of department '{dept}'" if dept else "")
+            what = "the lead department" if lead_only else "the lead or a summoned department"
+            raise self.refuse(f"{who} may not '{self.trigger}': {what} is '{lead}'"
+                              + ("" if lead_only or not self.proj.get("summoned") else
+                                 f" (summoned: {', '.join(self.proj['summoned'])})"))
+
+
+Effect = Callable[[_Ctx], tuple[dict[str, Any], list[NewEvent]]]
+
+
+class Engine:
+    """Carries cases through the life cycle. See docs/embedding.md.
+
+    ``policy``: a :class:`Policy` or a :class:`PolicyHandle` (read once per command, so a
+    reload never splits a command across versions). ``store``: a :class:`Store`, or
+    ``None`` for a private in-memory SQLite store. ``clock``: the source of every time
+    (default :class:`SystemClock`; tests and replays pass a ``ManualClock``). ``ids``: the
+    factory of case ids for cases that bring neither an ``id`` nor an idempotency key.
+    """
+
+    def __init__(
+        self,
+        policy: Policy | PolicyHandle,
+        store: Store | None = None,
+        clock: Clock | None = None,
+        *,
+        ids: Callable[[], str] | None = None,
+    ):
+        if not isinstance(policy, Policy | PolicyHandle):
+            raise TypeError(f"policy must be a Policy or PolicyHandle, not {type(policy).__name__}")
+        self._policy = policy
+        self._owns_store = store is None
+        if store is None:
+            store = Store()
+            store.create_all()
+        self.store = store
+        self.clock: Clock = clock if clock is not None else SystemClock()
+        self._ids: Callable[[], str] = ids if ids is not None else (lambda: uuid.uuid4().hex)
+        self._workflows: dict[int, tuple[Policy, Workflow]] = {}
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    @property
+    def policy(self) -> Policy:
+        """The policy in force now."""
+        p = self._policy
+        return p.current if isinstance(p, PolicyHandle) else p
+
+    def workflow(self, policy: Policy | None = None) -> Workflow:
+        """The (cached) workflow of ``policy`` (default: the policy in force)."""
+        policy = policy if policy is not None else self.policy
+        entry = self._workflows.get(id(policy))
+        if entry is None or entry[0] is not policy:
+            if len(self._workflows) >= 8:
+                self._workflows.clear()
+            entry = (policy, Workflow(policy.lifecycle.graph))
+            self._workflows[id(policy)] = entry
+        return entry[1]
+
+    def dispose(self) -> None:
+        """Dispose the store if the engine created it (a host's store is left alone)."""
+        if self._owns_store:
+            self.store.dispose()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.dispose()
+
+    def _now(self) -> datetime:
+        now = self.clock.now()
+        if now.tzinfo is None or now.utcoffset() is None:
+            raise ValueError("the clock must return timezone-aware times")
+        return now
+
+    @staticmethod
+    def _check_actor(actor: Actor) -> None:
+        if not isinstance(actor, Actor):
+            raise TypeError(f"actor must be an Actor, not {type(actor).__name__}")
+        errors = []
+        if not isinstance(actor.id, str) or not actor.id.strip():
+            errors.append(FieldError("actor.id", "must be a non-empty string"))
+        if not isinstance(actor.role, str) or not actor.role:
+            errors.append(FieldError("actor.role", "must be a non-empty string"))
+        if errors:
+            raise CaseValidationError(errors)
+
+    @staticmethod
+    def _text(name: str, value: object, *, required: bool) -> str | None:
+        if value is None or (isinstance(value, str) and not value.strip()):
+            if required:
+                raise _invalid(name, "is required")
+            return None
+        if not isinstance(value, str):
+            raise _invalid(name, f"must be a string, not {type(value).__name__}")
+        if len(value) > _MAX_TEXT:
+            raise _invalid(name, f"is {len(value)} characters long (at most {_MAX_TEXT})")
+        return value
+
+    @staticmethod
+    def _evidence(evidence: Iterable[str] | str | None) -> list[str]:
+        if evidence is None:
+            return []
+        if isinstance(evidence, str):
+            evidence = [evidence]
+        out = []
+        for i, item in enumerate(evidence):
+            if not isinstance(item, str) or not item.strip():
+                raise _invalid(f"evidence[{i}]", "must be a non-empty string (a URL)")
+            if len(item) > 2000:
+                raise _invalid(f"evidence[{i}]", "is longer than 2000 characters")
+            out.append(item)
+        if len(out) > _MAX_EVIDENCE:
+            raise _invalid("evidence", f"at most {_MAX_EVIDENCE} items")
+        return out
+
+    @staticmethod
+    def _record(proj: Mapping[str, Any], policy_version: str | None) -> CaseRecord:
+        decision = proj.get("decision") or {}
+        return CaseRecord(
+            case_id=proj["id"],
+            version=proj["version"],
+            state=proj["state"],
+            data=dict(proj),
+            idempotency_key=proj["idempotency_key"],
+            category=proj["category"],
+            unit=proj["unit"],
+            lead_department=proj["lead"],
+            pool=proj["pool"],
+            handler=proj["handler"],
+            tier=proj["tier"],
+            due_at=parse_time(proj["due_at"]),
+            warn_at=parse_time(proj["warn_at"]),
+            reported_at=parse_time(proj["reported_at"]),
+            dispatched_at=parse_time(proj["dispatched_at"]),
+            closed_at=parse_time(proj["closed_at"]),
+            policy_version=decision.get("policy_version", policy_version),
+        )
+
+    @staticmethod
+    def _timers(proj: Mapping[str, Any]) -> list[tuple[str, datetime]]:
+        if proj["state"] not in SUPERVISED_STATES or proj["due_at"] is None:
+            return []
+        out: list[tuple[str, datetime]] = []
+        if not proj["warned"] and proj["warn_at"] is not None:
+            out.append(("warn", datetime.fromisoformat(proj["warn_at"])))
+        if not proj["overdue"]:
+            out.append(("overdue", datetime.fromisoformat(proj["due_at"])))
+        return out
+
+    def _event(
+        self, trigger: str, actor: Actor, now: datetime, reason: str | None,
+        payload: Mapping[str, Any], policy: Policy,
+    ) -> NewEvent:
+        return NewEvent(trigger, actor.id, actor.role, now, reason, payload, policy.version)
+
+    def _escalation(
+        self, policy: Policy, workflow: Workflow, proj: Mapping[str, Any], now: datetime,
+        actor: Actor, reason: str, cause: str, *, required: bool = False, trigger: str = "escalate",
+    ) -> NewEvent | None:
+        """The event moving the case one tier up (``None`` at the top unless ``required``)."""
+        workflow.next_state(proj["state"], "escalate", actor.role, case_id=proj["id"])
+        reg = policy.registry
+        tier = proj["tier"] or reg.tiers[0]
+        above = policy.lifecycle.tier_above(tier)
+        if above is None:
+            if required:
+                raise TransitionNotAllowed(
+                    trigger, proj["state"], case_id=proj["id"], role=actor.role,
+                    reason=f"cannot escalate: tier '{tier}' is the top of the escalation path",
+                )
+            return None
+        location = proj["location"]
+        unit = reg.unit_for_tier(location, above) if location in reg.units else None
+        payload = {"from_tier": tier, "to_tier": above, "unit": unit, "cause": cause}
+        return self._event("escalate", actor, now, reason, payload, policy)
+
+    def _warn_time(
+        self, policy: Policy, start: datetime, due: datetime, working: bool
+    ) -> datetime:
+        share = policy.lifecycle.warn_at
+        cal = policy.calendar
+        if working:
+            hours = max(cal.working_hours_between(start, due), 0.0)
+            return cal.add(start, Duration(hours * share, "working_hours"))
+        return start + (due - start) * share
+
+    def _deadline(
+        self, policy: Policy, start: datetime, limit_text: str | None
+    ) -> tuple[str | None, str | None]:
+        """(due_at, warn_at) as ISO text for a time limit starting at ``start``."""
+        if not limit_text:
+            return None, None
+        limit = parse_duration(limit_text)
+        due = policy.calendar.add(start, limit)
+        warn = self._warn_time(policy, start, due, limit.is_working)
+        return iso(due), iso(warn)
+
+    # -- the command runner -----------------------------------------------------------
+
+    def _run(
+        self,
+        case_id: str,
+        actor: Actor,
+        trigger: str,
+        reason: str | None,
+        effect: Effect | None = None,
+        *,
+        reason_field: str = "reason",
+    ) -> CaseView:
+        self._check_actor(actor)
+        if not isinstance(case_id, str) or not case_id:
+            raise _invalid("case_id", "must be a non-empty string")
+        policy = self.policy
+        workflow = self.workflow(policy)
+        now = self._now()
+        with self.store.transaction() as tx:
+            record = tx.require_case(case_id, for_update=True)
+            state = workflow.next_state(record.state, trigger, actor.role, case_id=case_id)
+            spec = workflow.graph.trigger(trigger)
+            reason = self._text(reason_field, reason, required=spec.needs_reason)
+            proj = record.data
+            ctx = _Ctx(self, policy, workflow, tx, record, proj, actor, trigger, state, now)
+            payload, follow = effect(ctx) if effect is not None else ({}, [])
+            if state != record.state:
+                payload["state"] = state
+            events = [self._event(trigger, actor, now, reason, payload, policy)]
+            new = apply(proj, events[0])
+            for extra in follow:
+                events.append(extra)
+                new = apply(new, extra)
+            # Follow-up events computed from the state after the main event (escalations).
+            for make in ctx_followers(ctx, new):
+                events.append(make)
+                new = apply(new, make)
+            updated = self._record(new, policy.version)
+            tx.append(updated, record.version, events)
+            timers = self._timers(new)
+            if timers != self._timers(proj):
+                tx.set_timers(case_id, timers)
+            return CaseView.from_data(new)
+
+    # -- step 1: intake ---------------------------------------------------------------
+
+    def report(
+        self,
+        case: CaseIn | Mapping[str, Any],
+        actor: Actor,
+        *,
+        idempotency_key: str | None = None,
+        on_spot: bool = False,
+        evidence: Iterable[str] = (),
+    ) -> CaseView:
+        """信息收集: record a case (state ``reported``).
+
+        The case is validated against the policy (``CaseValidationError`` naming every bad
+        field; nothing written). The same ``idempotency_key`` returns the existing case.
+        ``on_spot=True`` records a small matter the grid worker already solved (evidence
+        required): the case goes straight to ``handled`` and is verified and closed like
+        any other.
+        """
+        self._check_actor(actor)
+        policy = self.policy
+        workflow = self.workflow(policy)
+        if actor.role not in workflow.graph.roles:
+            raise RoleNotAllowed("report", "-", actor.role, workflow.graph.roles)
+        if idempotency_key is not None:
+            if not isinstance(idempotency_key, str) or not idempotency_key.strip():
+                raise _invalid("idempotency_key", "must be a non-empty string")
+            if len(idempotency_key) > 128:
+                raise _invalid("idempotency_key", "is longer than 128 characters")
+        case_in = policy.validate_case(case)
+        proofs = self._evidence(evidence)
+        if on_spot:
+            if not proofs:
+                raise _invalid("evidence", "on-the-spot resolution needs photo evidence")
+            workflow.next_state("reported", "resolve_on_spot", actor.role)
+        elif proofs:
+            raise _invalid("evidence", "evidence is only taken with on_spot=True at intake")
+        now = self._now()
+        if case_in.id is not None:
+            case_id = case_in.id
+        elif idempotency_key is not None:
+            case_id = uuid.uuid5(_KEY_NAMESPACE, idempotency_key).hex
+        else:
+            case_id = self._ids()
+            if not isinstance(case_id, str) or not case_id or len(case_id) > 64:
+                raise ValueError(f"the id factory returned an invalid case id: {case_id!r}")
+        reported_at = case_in.reported_at or now
+        events = [
+            self._event(
+                "reported", actor, now, None,
+                {
+                    "state": "reported",
+                    "case_id": case_id,
+                    "case": case_in.model_dump(mode="json", exclude_none=True),
+                    "idempotency_key": idempotency_key,
+                    "reported_at": iso(reported_at),
+                },
+                policy,
+            )
+        ]
+        if on_spot:
+            decision = policy.route(case_in)
+            lead = actor.department or decision.lead
+            tier = decision.tier
+            if actor.department in policy.registry.departments:
+                tier = policy.registry.departments[actor.department].tier
+            reg = policy.registry
+            unit = reg.unit_for_tier(case_in.location, tier) or decision.unit
+            events.append(self._event(
+                "resolve_on_spot", actor, now, None,
+                {
+                    "state": "handled",
+                    "decision": self._decision_data(decision, None),
+                    "lead": lead,
+                    "tier": tier,
+                    "unit": unit,
+                    "pool": None,
+                    "evidence": proofs,
+                },
+                policy,
+            ))
+        proj = initial()
+        for ev in events:
+            proj = apply(proj, ev)
+        record = self._record(proj, policy.version)
+        try:
+            with self.store.transaction() as tx:
+                if idempotency_key is not None:
+                    existing = tx.case_by_idempotency_key(idempotency_key)
+                    if existing is not None:
+                        return CaseView.from_data(existing.data)
+                tx.insert_case(record, events)
+        except IdempotencyConflict as conflict:
+            return self.get(conflict.existing_case_id)
+        return CaseView.from_data(proj)
+
+    # -- step 2: file / cancel --------------------------------------------------------
+
+    def file(self, case_id: str, actor: Actor, *, note: str | None = None) -> CaseView:
+        """案卷建立: accept the report as a case (``reported → filed``)."""
+        return self._run(case_id, actor, "file", note, reason_field="note")
+
+    def cancel(self, case_id: str, actor: Actor, reason: str) -> CaseView:
+        """不予立案/作废 (reason required)."""
+        return self._run(case_id, actor, "cancel", reason)
+
+    # -- step 3: dispatch -------------------------------------------------------------
+
+    @staticmethod
+    def _decision_data(decision: Any, due: str | None) -> dict[str, Any]:
+        data: dict[str, Any] = decision.model_dump(
+            mode="json", exclude={"hits", "due_at", "case_id"}
+        )
+        data["matched"] = [h.rule for h in decision.hits]
+        data["due_at"] = due
+        return data
+
+    def dispatch(
+        self,
+        case_id: str,
+        actor: Actor,
+        *,
+        override: tuple[str, str] | None = None,
+    ) -> CaseView:
+        """任务派遣: route the case (excluding departments that returned it) and start the
+        clock. ``override=(department, reason)`` replaces the proposed lead department."""
+
+        def effect(c: _Ctx) -> tuple[dict[str, Any], list[NewEvent]]:
+            policy, reg = c.policy, c.policy.registry
+            decision = policy.route(c.proj["case"], exclude=c.proj["excluded"])
+            lead, tier, unit, pool = decision.lead, decision.tier, decision.unit, decision.pool
+            payload: dict[str, Any] = {}
+            location = c.proj["location"]
+            if override is not None:
+                if not isinstance(override, tuple | list) or len(override) != 2:
+                    raise _invalid("override", "must be a (department, reason) pair")
+                new_lead, why = override
+                if new_lead not in reg.departments:
+                    raise _invalid("override.department", f"unknown department {new_lead!r}")
+                why = self._text("override.reason", why, required=True)
+                payload["override"] = {"proposed": decision.lead, "lead": new_lead,
+                                       "reason": why}
+                lead, pool = new_lead, None
+                tier = reg.departments[new_lead].tier
+                unit = reg.unit_for_tier(location, tier) or reg.departments[new_lead].unit
+            current = c.proj["tier"]
+            if current is not None and current in reg.tiers and tier in reg.tiers:
+                if reg.tier_rank(current) > reg.tier_rank(tier):  # escalated earlier
+                    tier = current
+                    unit = reg.unit_for_tier(location, tier) or unit
+            due, warn = self._deadline(policy, c.now, decision.time_limit)
+            payload.update({
+                "decision": self._decision_data(decision, due),
+                "lead": lead,
+                "tier": tier,
+                "unit": unit,
+                "pool": pool,
+                "summoned": [d for d in decision.summon if d != lead],
+                "due_at": due,
+                "warn_at": warn,
+            })
+            return payload, []
+
+        return self._run(case_id, actor, "dispatch", None, effect)
+
+    # -- step 4: handle ---------------------------------------------------------------
+
+    def accept(self, case_id: str, actor: Actor) -> CaseView:
+        """签收: a handler of the lead department accepts the task (``→ handling``)."""
+
+        def effect(c: _Ctx) -> tuple[dict[str, Any], list[NewEvent]]:
+            c.require_member(lead_only=True)
+            return {"department": c.actor.department}, []
+
+        return self._run(case_id, actor, "accept", None, effect)
+
+    def claim(self, case_id: str, actor: Actor) -> CaseView:
+        """认领: one eligible handler claims a case routed to a pool. A second claim is
+        refused (the case is no longer ``dispatched``) or, under a race, conflicts."""
+
+        def effect(c: _Ctx) -> tuple[dict[str, Any], list[NewEvent]]:
+            if c.proj["pool"] is None:
+                raise c.refuse("the case was not routed to a pool; the lead department accepts it")
+            c.require_member(lead_only=True)
+            if c.actor.unit is not None and c.proj["unit"] not in (None, c.actor.unit):
+                raise c.refuse(
+                    f"actor '{c.actor.id}' of unit '{c.actor.unit}' is not eligible for a case "
+                    f"of unit '{c.proj['unit']}'"
+                )
+            return {"department": c.actor.department, "pool": c.proj["pool"]}, []
+
+        return self._run(case_id, actor, "claim", None, effect)
+
+    def return_case(self, case_id: str, actor: Actor, reason: str) -> CaseView:
+        """回退: misrouted — back to ``filed`` for re-dispatch without this department.
+        Returned by ``escalate_after_returns`` distinct departments → one tier up."""
+
+        def effect(c: _Ctx) -> tuple[dict[str, Any], list[NewEvent]]:
+            c.require_member(lead_only=True)
+            return {"department": c.actor.department}, []
+
+        return self._run(case_id, actor, "return_case", reason, effect)
+
+    def request_extension(
+        self, case_id: str, actor: Actor, reason: str, extra: str
+    ) -> CaseView:
+        """申请延期: ask for ``extra`` more time (e.g. ``"2wd"``)."""
+
+        def effect(c: _Ctx) -> tuple[dict[str, Any], list[NewEvent]]:
+            c.require_member(lead_only=True)
+            if c.proj["pending_extension"] is not None:
+                raise c.refuse("an extension request is already pending")
+            if not isinstance(extra, str):
+                raise _invalid("extra", "must be a duration text such as '2wd'")
+            try:
+                duration = parse_duration(extra)
+            except ValueError as exc:
+                raise _invalid("extra", str(exc)) from None
+            return {"extra": str(duration)}, []
+
+        return self._run(case_id, actor, "request_extension", reason, effect)
+
+    def approve_extension(self, case_id: str, actor: Actor, *, note: str | None = None) -> CaseView:
+        """批准延期: the deadline moves by the requested time; timers are re-planned."""
+
+        def effect(c: _Ctx) -> tuple[dict[str, Any], list[NewEvent]]:
+            pending = c.proj["pending_extension"]
+            if pending is None:
+                raise c.refuse("no extension request is pending")
+            extra = parse_duration(pending["extra"])
+            old_due = parse_time(c.proj["due_at"])
+            if old_due is None:
+                return {"due_at": None, "warn_at": None}, []
+            new_due = c.calendar.add(old_due, extra)
+            start = parse_time(c.proj["dispatched_at"]) or c.now
+            limit = c.proj["time_limit"]
+            working = parse_duration(limit).is_working if limit else extra.is_working
+            warn = self._warn_time(c.policy, start, new_due, working)
+            return {"extra": pending["extra"], "previous_due_at": c.proj["due_at"],
+                    "due_at": iso(new_due), "warn_at": iso(warn)}, []
+
+        return self._run(case_id, actor, "approve_extension", note, effect)
+
+    def deny_extension(self, case_id: str, actor: Actor, *, note: str | None = None) -> CaseView:
+        """驳回延期: the deadline stays."""
+
+        def effect(c: _Ctx) -> tuple[dict[str, Any], list[NewEvent]]:
+            if c.proj["pending_extension"] is None:
+                raise c.refuse("no extension request is pending")
+            return {}, []
+
+        return self._run(case_id, actor, "deny_extension", note, effect)
+
+    def defer(self, case_id: str, actor: Actor, reason: str) -> CaseView:
+        """挂账: suspend a case that cannot be solved now (``→ deferred``)."""
+        return self._run(case_id, actor, "defer", reason)
+
+    def resume(self, case_id: str, actor: Actor, *, note: str | None = None) -> CaseView:
+        """恢复处理 (``deferred → handling``)."""
+        return self._run(case_id, actor, "resume", note, reason_field="note")
+
+    # -- step 5: feedback -------------------------------------------------------------
+
+    def feedback(
+        self,
+        case_id: str,
+        actor: Actor,
+        *,
+        evidence: Iterable[str] = (),
+        note: str | None = None,
+    ) -> CaseView:
+        """处理反馈: report the result with evidence (photo URLs) and/or a note."""
+
+        def effect(c: _Ctx) -> tuple[dict[str, Any], list[NewEvent]]:
+            c.require_member(lead_only=False)
+            proofs = self._evidence(evidence)
+            if not proofs and note is None:
+                raise _invalid("evidence", "feedback needs evidence (photo URLs) or a note")
+            return {"evidence": proofs, "department": c.actor.department}, []
+
+        note = self._text("note", note, required=False)
+        return self._run(case_id, actor, "feedback", note, effect, reason_field="note")
+
+    # -- step 6: verify, rework, close ------------------------------------------------
+
+    def verify(self, case_id: str, actor: Actor, *, note: str | None = None) -> CaseView:
+        """核查: on-site verification passes (``handled → verified``)."""
+        return self._run(case_id, actor, "verify", note, reason_field="note")
+
+    def rework(self, case_id: str, actor: Actor, reason: str) -> CaseView:
+        """返工: verification failed — back to ``handling`` by the same department.
+        Reworked ``escalate_after_rework`` times → one tier up."""
+        return self._run(case_id, actor, "rework", reason)
+
+    def close(self, case_id: str, actor: Actor, *, note: str | None = None) -> CaseView:
+        """结案 (``verified → closed``)."""
+        return self._run(case_id, actor, "close", note, reason_field="note")
+
+    # -- step 7: evaluate, reopen -----------------------------------------------------
+
+    def evaluate(
+        self, case_id: str, actor: Actor, satisfaction: str, *, note: str | None = None
+    ) -> CaseView:
+        """综合评价 / 回访: record the resident's satisfaction (``closed → evaluated``)."""
+
+        def effect(c: _Ctx) -> tuple[dict[str, Any], list[NewEvent]]:
+            if satisfaction not in SATISFACTION:
+                raise _invalid("satisfaction", f"must be one of {', '.join(SATISFACTION)}")
+            return {"satisfaction": satisfaction}, []
+
+        return self._run(case_id, actor, "evaluate", note, effect, reason_field="note")
+
+    def _reopen_deadline(self, c: _Ctx) -> dict[str, Any]:
+        due, warn = self._deadline(c.policy, c.now, c.proj["time_limit"])
+        return {"due_at": due, "warn_at": warn, "department": c.proj["lead"]}
+
+    def reopen(self, case_id: str, actor: Actor, reason: str) -> CaseView:
+        """重新办理: reopen a closed case within the policy's reopen window."""
+
+        def effect(c: _Ctx) -> tuple[dict[str, Any], list[NewEvent]]:
+            closed = parse_time(c.proj["closed_at"])
+            window = c.policy.lifecycle.reopen_window
+            if closed is not None:
+                limit = c.calendar.add(closed, window)
+                if c.now > limit:
+                    raise c.refuse(
+                        f"the reopen window ({window} after closure) ended at {limit.isoformat()}"
+                    )
+            return self._reopen_deadline(c), []
+
+        return self._run(case_id, actor, "reopen", reason, effect)
+
+    # -- escalation and joint handling ------------------------------------------------
+
+    def escalate(self, case_id: str, actor: Actor, reason: str) -> CaseView:
+        """升级: move the case one tier up (error at the top of the escalation path)."""
+
+        def effect(c: _Ctx) -> tuple[dict[str, Any], list[NewEvent]]:
+            ev = self._escalation(c.policy, c.workflow, c.proj, c.now, c.actor, "-", "person",
+                                  required=True)
+            assert ev is not None
+            return dict(ev.payload), []
+
+        return self._run(case_id, actor, "escalate", reason, effect)
+
+    def summon(
+        self, case_id: str, actor: Actor, departments: Sequence[str], reason: str | None = None
+    ) -> CaseView:
+        """吹哨报到: summon departments for joint handling (only at the ``summon_at`` tiers)."""
+
+        def effect(c: _Ctx) -> tuple[dict[str, Any], list[NewEvent]]:
+            tier = c.proj["tier"]
+            allowed = c.policy.lifecycle.summon_at
+            if tier not in allowed:
+                raise c.refuse(
+                    f"departments can only be summoned at tier {', '.join(sorted(allowed))}; "
+                    f"the case is at tier '{tier}'"
+                )
+            if isinstance(departments, str) or not departments:
+                raise _invalid("departments", "give a non-empty list of department ids")
+            reg = c.policy.registry
+            for i, d in enumerate(departments):
+                if d not in reg.departments:
+                    raise _invalid(f"departments[{i}]", f"unknown department {d!r}")
+            new = [d for d in dict.fromkeys(departments) if d != c.proj["lead"]]
+            return {"departments": new}, []
+
+        return self._run(case_id, actor, "summon", reason, effect)
+
+    # -- appeals ----------------------------------------------------------------------
+
+    def appeal(self, case_id: str, actor: Actor, kind: str, reason: str) -> CaseView:
+        """申诉: file a ``routing``, ``score`` or ``resident`` appeal within its window
+        (from dispatch, evaluation and closure respectively). One pending appeal per case."""
+        if kind not in _APPEAL_KINDS:
+            raise _invalid("kind", f"must be one of {', '.join(_APPEAL_KINDS)}")
+        anchor_field = {"routing": "dispatched_at", "score": "evaluated_at",
+                        "resident": "closed_at"}[kind]
+        anchor_name = {"routing": "dispatch", "score": "evaluation", "resident": "closure"}[kind]
+
+        def effect(c: _Ctx) -> tuple[dict[str, Any], list[NewEvent]]:
+            if c.proj["pending_appeal"] is not None:
+                raise c.refuse(
+                    f"a {c.proj['pending_appeal']['kind']} appeal is already pending"
+                )
+            if kind == "routing":
+                c.require_member(lead_only=True)
+            anchor = parse_time(c.proj[anchor_field])
+            window = c.policy.lifecycle.appeal_windows[kind]
+            payload: dict[str, Any] = {"kind": kind, "department": c.actor.department}
+            if anchor is not None:
+                deadline = c.calendar.add(anchor, window)
+                if c.now > deadline:
+                    raise c.refuse(
+                        f"the {kind} appeal window ({window} after {anchor_name}) closed at "
+                        f"{deadline.isoformat()}"
+                    )
+                payload["deadline"] = iso(deadline)
+            return payload, []
+
+        return self._run(case_id, actor, f"appeal_{kind}", reason, effect)
+
+    def decide_appeal(
+        self, case_id: str, actor: Actor, *, upheld: bool, reason: str | None = None
+    ) -> CaseView:
+        """A reviewer decides the pending appeal. Upheld: routing → back to ``filed`` (the
+        department is excluded from re-routing and its time is exempt); score → an
+        exemption is recorded; resident → reopened to ``handling``. Rejected (reason
+        required): the case stays as it is."""
+        view = self.get(case_id)
+        pending = view.pending_appeal
+        if pending is None:
+            self._check_actor(actor)
+            raise TransitionNotAllowed(
+                "decide_appeal", view.state, case_id=case_id, role=actor.role,
+                reason="no appeal is pending",
+            )
+        kind = pending["kind"]
+        trigger = f"uphold_{kind}_appeal" if upheld else "reject_appeal"
+
+        def effect(c: _Ctx) -> tuple[dict[str, Any], list[NewEvent]]:
+            current = c.proj["pending_appeal"]
+            if current is None or current["kind"] != kind:
+                raise c.refuse("the pending appeal changed; reload the case")
+            payload: dict[str, Any] = {"kind": kind, "upheld": bool(upheld)}
+            if not upheld:
+                return payload, []
+            if kind == "routing":
+                start = c.proj["dispatched_at"]
+                hours = None
+                if start is not None:
+                    hours = round(c.calendar.working_hours_between(
+                        datetime.fromisoformat(start), c.now), 4)
+                payload["exemption"] = {"kind": "routing", "department": current["department"],
+                                        "from": start, "to": iso(c.now), "working_hours": hours}
+            elif kind == "score":
+                payload["exemption"] = {"kind": "score", "department": current["department"],
+                                        "filed_by": current["filed_by"],
+                                        "reason": current["reason"]}
+            else:
+                payload.update(self._reopen_deadline(c))
+            return payload, []
+
+        return self._run(case_id, actor, trigger, reason, effect)
+
+    # -- supervision ------------------------------------------------------------------
+
+    def tick(self, now: datetime | None = None, *, limit: int = 100) -> list[EventRecord]:
+        """Fire the supervision timers due at ``now`` (default: the clock): ``warn`` at the
+        policy's share of the time limit, ``mark_overdue`` at the deadline (plus one
+        tier of escalation where the case's tier is in ``escalate_on_overdue``).
+
+        Idempotent: a timer fires once, so a second call with the same ``now`` does nothing.
+        Safe with several workers on one database (timers are claimed by the store).
+        """
+        when = now if now is not None else self._now()
+        if when.tzinfo is None or when.utcoffset() is None:
+            raise _invalid("now", "must be timezone-aware")
+        policy = self.policy
+        workflow = self.workflow(policy)
+        fired: list[EventRecord] = []
+        while True:
+            with self.store.transaction() as tx:
+                timers = tx.claim_due_timers(when, limit)
+                for timer in timers:
+                    fired += self._fire(tx, policy, workflow, timer.case_id, timer.kind,
+                                        timer.due_at, when)
+            if len(timers) < limit:
+                return fired
+
+    def _fire(
+        self, tx: StoreTx, policy: Policy, workflow: Workflow, case_id: str, kind: str,
+        due_at: datetime, now: datetime,
+    ) -> list[EventRecord]:
+        record = tx.get_case(case_id, for_update=True)
+        if record is None:
+            return []
+        proj = record.data
+        if record.state not in SUPERVISED_STATES:
+            return []
+        if kind == "warn":
+            if proj["warned"] or parse_time(proj["warn_at"]) != due_at:
+                return []
+            trigger = "warn"
+        elif kind == "overdue":
+            if proj["overdue"] or parse_time(proj["due_at"]) != due_at:
+                return []
+            trigger = "mark_overdue"
+        else:
+            return []
+        try:
+            workflow.next_state(record.state, trigger, SYSTEM.role, case_id=case_id)
+        except TransitionNotAllowed:
+            return []
+        events = [self._event(trigger, SYSTEM, now, None, {"due_at": iso(due_at)}, policy)]
+        new = apply(proj, events[0])
+        if trigger == "mark_overdue" and new["tier"] in policy.lifecycle.escalate_on_overdue:
+            esc = self._escalation(policy, workflow, new, now, SYSTEM,
+                                   f"overdue at tier '{new['tier']}'", "overdue")
+            if esc is not None:
+                events.append(esc)
+                new = apply(new, esc)
+        updated = self._record(new, policy.version)
+        written = tx.append(updated, record.version, events)
+        timers = self._timers(new)
+        if timers != self._timers(proj):
+            tx.set_timers(case_id, timers)
+        return written
+
+    # -- queries ----------------------------------------------------------------------
+
+    def get(self, case_id: str) -> CaseView:
+        """The case as it is now (``CaseNotFound`` if there is none)."""
+        with self.store.transaction(readonly=True) as tx:
+            return CaseView.from_data(tx.require_case(case_id).data)
+
+    def history(self, case_id: str) -> list[EventRecord]:
+        """Every event of the case, oldest first."""
+        with self.store.transaction(readonly=True) as tx:
+            events = tx.history(case_id)
+            if not events and tx.get_case(case_id) is None:
+                raise CaseNotFound(case_id)
+            return events
+
+    def worklist(
+        self,
+        *,
+        department: str | None = None,
+        pool: str | None = None,
+        handler: str | None = None,
+        unit: str | None = None,
+        states: Iterable[str] | None = None,
+        limit: int | None = None,
+    ) -> list[CaseView]:
+        """Open cases (or those in ``states``) of a lead department / pool / handler /
+        unit, most urgent deadline first."""
+        chosen = list(states) if states is not None else list(self.workflow().open_states)
+        with self.store.transaction(readonly=True) as tx:
+            records = tx.query_cases(
+                states=chosen, lead_department=department, pool=pool, handler=handler,
+                unit=unit, limit=limit,
+            )
+        return [CaseView.from_data(r.data) for r in records]
+
+    def overdue(self, now: datetime | None = None) -> list[CaseView]:
+        """Supervised cases whose deadline has passed at ``now``."""
+        when = now if now is not None else self._now()
+        with self.store.transaction(readonly=True) as tx:
+            records = tx.query_cases(states=SUPERVISED_STATES, due_before=when)
+        return [CaseView.from_data(r.data) for r in records]
+
+    def near_due(self, within: Duration | str, now: datetime | None = None) -> list[CaseView]:
+        """Supervised cases not yet overdue whose deadline falls within ``within`` of ``now``
+        (``within`` is measured on the policy's calendar, e.g. ``"4wh"``)."""
+        when = now if now is not None else self._now()
+        span = parse_duration(within) if isinstance(within, str) else within
+        horizon = self.policy.calendar.add(when, span)
+        with self.store.transaction(readonly=True) as tx:
+            records = tx.query_cases(states=SUPERVISED_STATES, due_before=horizon)
+        return [
+            CaseView.from_data(r.data) for r in records
+            if r.due_at is not None and r.due_at > when
+        ]
+
+
+def ctx_followers(c: _Ctx, new: Mapping[str, Any]) -> list[NewEvent]:
+    """Automatic escalations a command causes (repeated returns or rework, BRIEF §6)."""
+    life = c.policy.lifecycle
+    if c.trigger == "return_case" and len(new["returned_by"]) >= life.escalate_after_returns:
+        reason = f"repeated returns by {len(new['returned_by'])} departments"
+        ev = c.engine._escalation(c.policy, c.workflow, new, c.now, SYSTEM, reason,
+                                  "repeated returns")
+        return [ev] if ev is not None else []
+    if c.trigger == "rework" and new["rework_count"] >= life.escalate_after_rework:
+        reason = f"reworked {new['rework_count']} times"
+        ev = c.engine._escalation(c.policy, c.workflow, new, c.now, SYSTEM, reason,
+                                  "repeated rework")
+        return [ev] if ev is not None else []
+    return []
