@@ -11,10 +11,14 @@ durable_rules traps handled here (BRIEF §12):
 * identical events are dropped → every message gets a fresh id;
 * a catch-all condition matches the session state and loops → every rule also
   tests the marker field ``gf == 1`` which the state never has;
-* exceptions in actions are swallowed into the state → the state is checked and
-  the error raised as :class:`~gridflow.errors.RoutingError`;
-* the host is not thread-safe and starts timer threads → one process-wide lock
-  serializes every call, and the host's background threads are never started.
+* exceptions in Python actions are swallowed into the session state, and the
+  ``durable.engine.Host`` starts background timer threads → gridflow drives the
+  engine's own C API (``durable_rules_engine``: create_ruleset, assert_event,
+  start_action_for_state, complete_and_start_action) with no Python actions at
+  all: the names of the fired rules are read from the engine's action queue, so
+  nothing can be swallowed and no thread is started; a non-zero engine status is
+  raised as :class:`~gridflow.errors.RoutingError`;
+* the engine is not thread-safe → one process-wide lock serializes every call.
 
 Rules are bucketed by category group so a case is posted only to the shards that
 can match its category (plus the shards of category-independent rules); within a
@@ -35,7 +39,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import durable_rules_engine
-from durable import engine as _durable
 
 from gridflow.conditions import CATEGORY, AllOf, AnyOf, Cond, Test
 from gridflow.errors import RoutingError
@@ -51,6 +54,7 @@ __all__ = [
     "HARD_RULESET_LIMIT",
     "CompiledRules",
     "RuleSpec",
+    "RuleTooComplex",
     "TableSpec",
     "check_regex",
     "translate_regex",
@@ -303,6 +307,15 @@ def category_scope(cond: Cond, codes: Sequence[str]) -> frozenset[str] | None:
 # --- compiled tables ---------------------------------------------------------------------
 
 
+class RuleTooComplex(Exception):
+    """The engine refused some rules (its per-rule expansion limits); names them."""
+
+    def __init__(self, culprits: list[tuple[int, int]], detail: str):
+        self.culprits = culprits
+        self.detail = detail
+        super().__init__(f"rules engine refused {len(culprits)} rule(s): {detail}")
+
+
 @dataclass(frozen=True)
 class RuleSpec:
     rule_id: str
@@ -314,13 +327,6 @@ class TableSpec:
     table_id: str
     hit: HitPolicy
     rules: tuple[RuleSpec, ...]
-
-
-class _Host(_durable.Host):  # type: ignore[misc]
-    """A durable_rules host that never starts its background dispatch threads."""
-
-    def _run(self) -> None:
-        return None
 
 
 @dataclass
@@ -356,10 +362,9 @@ class CompiledRules:
         self._groups = dict(category_groups)
         self._serial = next(_SERIAL)
         self._ids = itertools.count(1)
-        self._hits: list[tuple[int, int]] = []
-        self._host = _Host()
         # table index → group → shards (sorted by first rule index)
         self._shards: list[dict[str, list[_Shard]]] = []
+        self._visits: dict[tuple[int, str | None], list[_Shard]] = {}
         codes = sorted(self._groups)
         definitions: dict[str, dict[str, Any]] = {}
         for t_index, table in enumerate(self.tables):
@@ -383,33 +388,49 @@ class CompiledRules:
                         f"r{i}": {
                             "all": [{"m": {"$and": [{MARKER: 1}, _to_json(table.rules[i].cond)]}}],
                             "pri": i,
-                            "run": self._action(t_index, i),
                         }
                         for i in chunk
                     }
                     per_group.setdefault(group, []).append(_Shard(name, chunk[0], len(chunk)))
             self._shards.append(per_group)
+        self._handles: dict[str, int] = {}
         with _LOCK:
-            self._host.set_rulesets(definitions)
-            handles = [self._host.get_ruleset(n)._handle for n in definitions]
+            try:
+                for name, definition in definitions.items():
+                    self._handles[name] = durable_rules_engine.create_ruleset(
+                        name, json.dumps(definition, ensure_ascii=False))
+            except Exception as exc:
+                _drop_rulesets(list(self._handles.values()))
+                raise RuleTooComplex(self._culprits(), str(exc)) from exc
         self.ruleset_count = len(definitions)
         self.largest_ruleset = max((len(d) for d in definitions.values()), default=0)
-        weakref.finalize(self, _drop_rulesets, handles)
+        weakref.finalize(self, _drop_rulesets, list(self._handles.values()))
 
-    def _action(self, table: int, index: int) -> Any:
-        hits = self._hits
-
-        def fire(_c: Any) -> None:
-            hits.append((table, index))
-
-        return fire
+    def _culprits(self) -> list[tuple[int, int]]:
+        """Find the rules the engine refuses, by compiling each alone."""
+        bad: list[tuple[int, int]] = []
+        for t_index, table in enumerate(self.tables):
+            for r_index, rule in enumerate(table.rules):
+                probe = {"r": {"all": [{"m": {"$and": [{MARKER: 1}, _to_json(rule.cond)]}}]}}
+                try:
+                    handle = durable_rules_engine.create_ruleset(
+                        f"gfprobe{next(_SERIAL)}", json.dumps(probe, ensure_ascii=False))
+                except Exception:
+                    bad.append((t_index, r_index))
+                else:
+                    durable_rules_engine.delete_ruleset(handle)
+        return bad
 
     def _visit(self, table: int, group: str | None) -> list[_Shard]:
-        shards = self._shards[table]
-        chosen = list(shards.get(WILDCARD, ()))
-        if group is not None:
-            chosen += shards.get(group, ())
-        return sorted(chosen, key=lambda s: s.first_index)
+        key = (table, group)
+        found = self._visits.get(key)
+        if found is None:
+            shards = self._shards[table]
+            chosen = list(shards.get(WILDCARD, ()))
+            if group is not None:
+                chosen += shards.get(group, ())
+            found = self._visits[key] = sorted(chosen, key=lambda s: s.first_index)
+        return found
 
     def match(self, fact: Mapping[str, Any]) -> list[list[int]]:
         """Rule indexes that fire, per table in table order (each list in rule order)."""
@@ -438,25 +459,26 @@ class CompiledRules:
         return out
 
     def _post(self, ruleset: str, fact: Mapping[str, Any], *, as_fact: bool) -> list[int]:
+        """Indexes of the rules the engine fires for this message (events: at most one)."""
+        handle = self._handles[ruleset]
         message = dict(fact)
         message["id"] = next(self._ids)
         message["sid"] = "0"
         message[MARKER] = 1
-        self._hits.clear()
+        text = json.dumps(message, ensure_ascii=False)
+        fired: list[int] = []
         try:
+            status, state = (durable_rules_engine.assert_fact if as_fact
+                             else durable_rules_engine.assert_event)(handle, text)
+            if status == 0:
+                action = durable_rules_engine.start_action_for_state(handle, state)
+                while action:
+                    payload = action[1] if isinstance(action, tuple | list) else action
+                    fired.append(int(next(iter(json.loads(payload)))[1:]))
+                    action = durable_rules_engine.complete_and_start_action(handle, state)
+            elif status not in (1, 2):  # 1: no rule matched, 2: observed
+                raise RoutingError(f"rules engine returned status {status} for ruleset {ruleset}")
+        finally:
             if as_fact:
-                try:
-                    state = self._host.assert_fact(ruleset, message)
-                finally:
-                    try:
-                        self._host.retract_fact(ruleset, message)
-                    except _durable.MessageNotHandledException:
-                        pass
-            else:
-                state = self._host.post(ruleset, message)
-        except _durable.MessageNotHandledException:
-            return []
-        if isinstance(state, dict) and state.get("exception"):
-            self._host.delete_state(ruleset, "0")
-            raise RoutingError(f"rules engine action failed: {state['exception']}")
-        return [i for _, i in self._hits]
+                durable_rules_engine.retract_fact(handle, text)
+        return fired

@@ -29,6 +29,7 @@ from gridflow.clock import Clock, SystemClock
 from gridflow.errors import (
     CaseNotFound,
     CaseValidationError,
+    ConcurrencyConflict,
     FieldError,
     RoleNotAllowed,
     TransitionNotAllowed,
@@ -521,6 +522,15 @@ class Engine:
                 tx.insert_case(record, events)
         except IdempotencyConflict as conflict:
             return self.get(conflict.existing_case_id)
+        except ConcurrencyConflict:
+            # A racing writer inserted the same key (its key-derived id) first.
+            if idempotency_key is None:
+                raise
+            with self.store.transaction(readonly=True) as tx:
+                existing = tx.case_by_idempotency_key(idempotency_key)
+            if existing is None:
+                raise
+            return CaseView.from_data(existing.data)
         return CaseView.from_data(proj)
 
     # -- step 2: file / cancel --------------------------------------------------------

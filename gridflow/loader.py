@@ -21,7 +21,14 @@ from pydantic import BaseModel, ValidationError
 from gridflow import analysis
 from gridflow import workflow
 from gridflow.calendar import BusinessCalendar, CalendarYear, parse_duration
-from gridflow.compiler import CompiledRules, RuleSpec, TableSpec, check_regex
+from gridflow.compiler import (
+    CompiledRules,
+    RuleSpec,
+    RuleTooComplex,
+    TableSpec,
+    category_scope,
+    check_regex,
+)
 from gridflow.conditions import AllOf, Cond, LowerContext, lower_when
 from gridflow.errors import CaseValidationError, DefinitionError, Problem, suggest
 from gridflow.registry import DEFAULT_CHANNELS, CategoryInfo, DepartmentInfo, Registry, UnitInfo
@@ -550,6 +557,7 @@ class _Builder:
         )
         specs: list[TableSpec] = []
         rules: list[list[RouteRule]] = []
+        codes = sorted(reg.categories)
         table_ids: dict[str, str] = {}
         rule_ids: dict[str, str] = {}
         self.rule_locs: list[list[tuple[Located, YPath]]] = []
@@ -598,17 +606,30 @@ class _Builder:
                     t_specs.append(RuleSpec(rule.id, cond))
                     t_rules.append(RouteRule(table.id, rule.id, rule.then, where, cond))
                     t_locs.append((located, rpath))
-                self._check_table(table.id, table.hit, t_rules, t_locs)
+                self._check_table(table.id, table.hit, t_rules, t_locs, codes)
                 specs.append(TableSpec(table.id, table.hit, tuple(t_specs)))
                 rules.append(t_rules)
+                self.rule_locs.append(t_locs)
         return specs, rules
 
     def _check_table(self, table_id: str, hit: str, rules: list[RouteRule],
-                     locs: list[tuple[Located, YPath]]) -> None:
-        if len(rules) > 2000 and hit != "first":
-            pass  # pairwise checks stay affordable: conditions are tiny
+                     locs: list[tuple[Located, YPath]], codes: list[str]) -> None:
+        """Shadowing (``first``) and overlap (``unique``), only between rules whose
+        category scopes intersect — so a 5,000-rule table stays affordable."""
+        if hit == "collect":
+            return
+        scopes = [category_scope(r.cond, codes) for r in rules]
+        by_code: dict[str, list[int]] = {}
+        wild: list[int] = []
         for j, later in enumerate(rules):
-            for i in range(j):
+            scope = scopes[j]
+            if scope is None:
+                candidates: set[int] = set(range(j))
+            else:
+                candidates = set(wild)
+                for code in scope:
+                    candidates.update(by_code.get(code, ()))
+            for i in sorted(candidates):
                 earlier = rules[i]
                 if hit == "first" and analysis.shadows(earlier.cond, later.cond):
                     located, path = locs[j]
@@ -623,12 +644,15 @@ class _Builder:
                              f"rules '{earlier.rule_id}' ({earlier.source}) and "
                              f"'{later.rule_id}' can both match the same case under hit "
                              f"policy 'unique' in table '{table_id}'", severity=self.lint_severity)
+            if scope is None:
+                wild.append(j)
+            else:
+                for code in scope:
+                    by_code.setdefault(code, []).append(j)
 
     def gaps(self, reg: Registry, rules: list[list[RouteRule]]) -> None:
         if "routing.default" in self.singletons or self.incomplete:
             return
-        from gridflow.compiler import category_scope
-
         codes = sorted(reg.categories)
         covered: set[str] = set()
         for table in rules:
@@ -789,6 +813,15 @@ def load_policy(
             category_groups={c.code: c.group for c in reg.categories.values()},
             max_rules_per_ruleset=meta.max_rules_per_ruleset if meta else 256,
         )
+    except RuleTooComplex as exc:
+        problems = []
+        for t_index, r_index in exc.culprits:
+            located, path = builder.rule_locs[t_index][r_index]
+            problems.append(located.problem(
+                path, f"rule '{specs[t_index].rules[r_index].rule_id}' is too complex for the "
+                f"rules engine ({exc.detail}); split it into simpler rules or fewer 'any' "
+                "branches"))
+        raise DefinitionError(problems or [Problem(str(source.root), 1, 1, str(exc))]) from exc
     except Exception as exc:  # the engine rejected something our checks let through
         raise DefinitionError([Problem(str(source.root), 1, 1,
                                        f"rules engine refused the policy: {exc}")]) from exc

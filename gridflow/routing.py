@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -48,23 +49,26 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True)
 
 
-class ConditionSeen(_Frozen):
+@dataclass(frozen=True)
+class ConditionSeen:
     condition: str
     field: str
     seen: Any
 
 
-class RuleHit(_Frozen):
+@dataclass(frozen=True)
+class RuleHit:
     table: str
     rule: str
     source: str  # file:line
     conditions: list[ConditionSeen]
 
 
-class Notification(_Frozen):
+@dataclass(frozen=True)
+class Notification:
     kind: str  # "broadcast" | "department"
     target: str  # level or department id
-    units: list[str] = []
+    units: list[str] = field(default_factory=list)
 
 
 class Decision(_Frozen):
@@ -232,6 +236,7 @@ class Router:
         self.default_source = default_source
         self.default_time_limit = default_time_limit
         self.version = version
+        self._trace_shapes: dict[int, list[tuple[str, str, tuple[str, ...]]]] = {}
 
     def validate(self, data: CaseIn | Mapping[str, Any], *, source: str | None = None) -> CaseIn:
         return validate_case(self.registry, data, source=source)
@@ -298,7 +303,7 @@ class Router:
             or _pick_limit(self.default.time_limit if self.default else None, urgency)
             or _pick_limit(self.default_time_limit, urgency)
         )
-        limit: Duration | None = parse_duration(limit_text) if limit_text else None
+        limit: Duration | None = _duration(limit_text) if limit_text else None
         due_at = None
         if limit is not None and case.reported_at is not None:
             try:
@@ -308,16 +313,16 @@ class Router:
         notifications = []
         for spec in notify_specs:
             if spec.department:
-                notifications.append(Notification(kind="department", target=spec.department))
+                notifications.append(Notification(
+                    kind="department", target=spec.department, units=[]))
             if spec.broadcast:
                 within = spec.within
                 anchor = reg.units[case.location].ancestry.get(within) if within else None
                 units = (reg.descendants_at(anchor, spec.broadcast) if anchor
                          else reg.units_at(spec.broadcast))
-                notifications.append(
-                    Notification(kind="broadcast", target=spec.broadcast, units=list(units))
-                )
-        return Decision(
+                notifications.append(Notification(
+                    kind="broadcast", target=spec.broadcast, units=list(units)))
+        return Decision.model_construct(
             case_id=case.id,
             category=case.category,
             urgency=urgency,
@@ -340,19 +345,33 @@ class Router:
             policy_version=self.version,
         )
 
-    @staticmethod
-    def _trace(rule: RouteRule, fact: Mapping[str, Any]) -> RuleHit:
+    def _trace(self, rule: RouteRule, fact: Mapping[str, Any]) -> RuleHit:
         """One line per top-level condition; an ``any`` group is shown whole."""
-        items = rule.cond.items if isinstance(rule.cond, AllOf) else (rule.cond,)
-        seen: list[ConditionSeen] = []
-        for item in items:
-            tests = tests_of(item)
-            fields = list(dict.fromkeys(t.field for t in tests))
-            labels = list(dict.fromkeys(t.label for t in tests))
+        shape = self._trace_shapes.get(id(rule))
+        if shape is None:
+            shape = self._trace_shapes[id(rule)] = _trace_shape(rule.cond)
+        seen = []
+        for condition, label, fields in shape:
             values = [fact.get(f) for f in fields]
             seen.append(ConditionSeen(
-                condition=describe(item) if not isinstance(item, Test) else str(item),
-                field=", ".join(labels),
-                seen=values[0] if len(values) == 1 else values,
-            ))
-        return RuleHit(table=rule.table, rule=rule.rule_id, source=rule.source, conditions=seen)
+                condition=condition, field=label, seen=values[0] if len(values) == 1 else values))
+        return RuleHit(table=rule.table, rule=rule.rule_id, source=rule.source,
+                                       conditions=seen)
+
+
+def _trace_shape(cond: Cond) -> list[tuple[str, str, tuple[str, ...]]]:
+    items = cond.items if isinstance(cond, AllOf) else (cond,)
+    out = []
+    for item in items:
+        tests = tests_of(item)
+        out.append((
+            str(item) if isinstance(item, Test) else describe(item),
+            ", ".join(dict.fromkeys(t.label for t in tests)),
+            tuple(dict.fromkeys(t.field for t in tests)),
+        ))
+    return out
+
+
+@functools.lru_cache(maxsize=1024)
+def _duration(text: str) -> Duration:
+    return parse_duration(text)

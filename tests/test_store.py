@@ -445,6 +445,9 @@ def test_timers_fire_once_and_in_order(store: Store) -> None:
         assert [(t.kind, t.fired_at is not None) for t in tx.timers("a")] == [
             ("warn", True), ("overdue", False), ("escalate", False),
         ]
+        before = tx.timers("a")
+        tx.set_timers("a", [("escalate", at(6)), ("overdue", at(4))])  # same plan: no writes
+        assert tx.timers("a") == before
         # an extension moves the deadline: unfired timers are replaced
         tx.set_timers("a", [("overdue", at(8))])
         assert [(t.kind, t.due_at) for t in tx.timers("a")] == [

@@ -1,0 +1,570 @@
+"""The engine facade: every command's happy path and refusals, timers, escalation, appeals."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+
+import gridflow
+from gridflow import Actor, Engine
+from gridflow.clock import ManualClock
+from gridflow.errors import (
+    CaseNotFound,
+    CaseValidationError,
+    ConcurrencyConflict,
+    RoleNotAllowed,
+    TransitionNotAllowed,
+)
+from gridflow.policy import PolicyHandle
+from gridflow.projection import project
+from gridflow.store import Store
+from gridflow.store.core import StoreTx
+
+ROOT = Path(__file__).resolve().parent.parent
+WUJIN = ROOT / "examples" / "wujin"
+ENGINE_POLICY = Path(__file__).resolve().parent / "policies" / "engine"
+CST = ZoneInfo("Asia/Shanghai")
+
+GRID_WORKER = Actor("gw-chen", "grid_worker", department="grid-worker", unit="qdj-g3")
+GRID_CHIEF = Actor("gc-1", "grid_chief")
+CLERK = Actor("clerk-1", "clerk")
+DISPATCHER = Actor("disp-1", "dispatcher")
+DUTY_CHIEF = Actor("duty-1", "duty_chief")
+LIAISON = Actor("liaison-1", "liaison", department="liaison")
+SUPERVISOR = Actor("sup-1", "supervisor")
+RESIDENT = Actor("res-1", "resident")
+REVIEWER = Actor("rev-1", "reviewer")
+CIVIL = Actor("civil-1", "handler", department="district-civil")
+POLICE = Actor("police-1", "handler", department="police-station")
+
+
+def load_case(name: str, **changes: Any) -> dict[str, Any]:
+    case: dict[str, Any] = json.loads((WUJIN / "cases" / f"{name}.json").read_text("utf-8"))
+    case.pop("id", None)
+    case.pop("reported_at", None)
+    case.update(changes)
+    return case
+
+
+def handler_for(view: gridflow.engine.CaseView, name: str = "h-1") -> Actor:
+    return Actor(name, "handler", department=view.lead)
+
+
+def snapshot(engine: Engine, case_id: str) -> tuple[int, list[Any], dict[str, Any]]:
+    view = engine.get(case_id)
+    return view.version, [e.to_dict() for e in engine.history(case_id)], dict(view.data)
+
+
+def timers(engine: Engine, case_id: str) -> list[tuple[str, datetime, datetime | None]]:
+    with engine.store.transaction() as tx:
+        return [(t.kind, t.due_at, t.fired_at) for t in tx.timers(case_id)]
+
+
+def assert_consistent(engine: Engine, case_id: str) -> None:
+    history = engine.history(case_id)
+    view = engine.get(case_id)
+    assert [e.seq for e in history] == list(range(1, len(history) + 1))
+    assert view.version == len(history)
+    assert project(history) == view.data
+
+
+def to_state(engine: Engine, state: str, case: str = "08-elderly-card") -> str:
+    """Drive a new case to ``state`` through the main path; returns its id."""
+    view = engine.report(load_case(case), GRID_WORKER)
+    cid = view.id
+    path = ["filed", "dispatched", "handling", "handled", "verified", "closed", "evaluated"]
+    for step in path[: path.index(state) + 1] if state != "reported" else []:
+        if step == "filed":
+            view = engine.file(cid, CLERK)
+        elif step == "dispatched":
+            view = engine.dispatch(cid, DISPATCHER)
+        elif step == "handling":
+            h = handler_for(view)
+            view = engine.claim(cid, h) if view.pool else engine.accept(cid, h)
+        elif step == "handled":
+            view = engine.feedback(cid, handler_for(view), evidence=["https://img/1.jpg"])
+        elif step == "verified":
+            view = engine.verify(cid, SUPERVISOR)
+        elif step == "closed":
+            view = engine.close(cid, SUPERVISOR)
+        elif step == "evaluated":
+            view = engine.evaluate(cid, RESIDENT, "satisfied")
+    assert view.state == state
+    return cid
+
+
+@pytest.fixture
+def engine(gridflow_engine: Engine) -> Engine:
+    return gridflow_engine
+
+
+@pytest.fixture
+def clock(gridflow_clock: ManualClock) -> ManualClock:
+    return gridflow_clock
+
+
+@pytest.fixture
+def strict_engine(gridflow_engine_factory: Callable[..., Engine]) -> Engine:
+    """The engine on the test policy with escalation on overdue at grid/community."""
+    return gridflow_engine_factory(ENGINE_POLICY)
+
+
+# --------------------------------------------------------------------------- happy path
+
+
+def test_full_seven_step_flow_is_an_event_history(engine: Engine, clock: ManualClock) -> None:
+    cid = to_state(engine, "evaluated")
+    view = engine.get(cid)
+    assert view.satisfaction == "satisfied"
+    assert view.verified and view.closed_at is not None
+    types = [e.type for e in engine.history(cid)]
+    assert types == ["reported", "file", "dispatch", "accept", "feedback", "verify", "close",
+                     "evaluate"]
+    first = engine.history(cid)[0]
+    assert first.actor_id == GRID_WORKER.id and first.actor_role == "grid_worker"
+    assert first.at == clock.now()
+    assert all(e.policy_version == engine.policy.version for e in engine.history(cid))
+    assert_consistent(engine, cid)
+
+
+def test_exports() -> None:
+    assert gridflow.Engine is Engine and gridflow.Actor is Actor
+    assert {"Engine", "Actor"} <= set(gridflow.__all__)
+
+
+def test_engine_accepts_policy_handle_and_host_store(clock: ManualClock, tmp_path: Path) -> None:
+    store = Store(f"sqlite:///{tmp_path / 'host.sqlite'}")
+    store.create_all()
+    engine = Engine(PolicyHandle(WUJIN), store, clock)
+    cid = to_state(engine, "handling")
+    again = Engine(gridflow.load_policy(WUJIN), store, clock)  # another process, same DB
+    assert again.get(cid).state == "handling"
+    store.dispose()
+
+
+def test_unknown_case_raises_case_not_found(engine: Engine) -> None:
+    with pytest.raises(CaseNotFound):
+        engine.get("nope")
+    with pytest.raises(CaseNotFound):
+        engine.history("nope")
+    with pytest.raises(CaseNotFound):
+        engine.file("nope", CLERK)
+
+
+# --------------------------------------------------------------------------- intake
+
+
+def test_invalid_report_names_fields_and_writes_nothing(engine: Engine) -> None:
+    with pytest.raises(CaseValidationError) as err:
+        engine.report({"category": "XX-99", "location": "nowhere"}, GRID_WORKER)
+    assert set(err.value.fields) == {"category", "location"}
+    assert engine.worklist() == []
+
+
+def test_idempotent_intake_returns_the_same_case(engine: Engine) -> None:
+    a = engine.report(load_case("08-elderly-card"), GRID_WORKER, idempotency_key="app-123")
+    b = engine.report(load_case("08-elderly-card"), GRID_WORKER, idempotency_key="app-123")
+    assert a.id == b.id
+    assert len(engine.history(a.id)) == 1
+    assert len(engine.worklist()) == 1
+
+
+def test_idempotent_intake_under_race(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    a = engine.report(load_case("08-elderly-card"), GRID_WORKER, idempotency_key="race")
+    # The other writer's row is not visible at the first check: the insert conflicts.
+    original = StoreTx.case_by_idempotency_key
+    calls: list[str] = []
+
+    def unseen_first(self: StoreTx, key: str) -> Any:
+        calls.append(key)
+        return None if len(calls) == 1 else original(self, key)
+
+    monkeypatch.setattr(StoreTx, "case_by_idempotency_key", unseen_first)
+    b = engine.report(load_case("08-elderly-card"), GRID_WORKER, idempotency_key="race")
+    assert b.id == a.id and len(engine.worklist()) == 1
+    assert len(calls) == 2
+
+
+def test_case_ids_from_key_or_factory(gridflow_engine_factory: Callable[..., Engine]) -> None:
+    seq = iter(["QSY-1", "QSY-2"])
+    engine = gridflow_engine_factory(ids=lambda: next(seq))
+    assert engine.report(load_case("08-elderly-card"), GRID_WORKER).id == "QSY-1"
+    keyed = engine.report(load_case("08-elderly-card"), GRID_WORKER, idempotency_key="k")
+    other = gridflow_engine_factory()
+    assert other.report(load_case("08-elderly-card"), GRID_WORKER, idempotency_key="k").id == keyed.id
+    assert engine.report(load_case("08-elderly-card", id="GIVEN-7"), GRID_WORKER).id == "GIVEN-7"
+
+
+def test_report_by_unknown_role_is_refused(engine: Engine) -> None:
+    with pytest.raises(RoleNotAllowed):
+        engine.report(load_case("08-elderly-card"), Actor("x", "mayor"))
+
+
+def test_on_the_spot_resolution(engine: Engine) -> None:
+    with pytest.raises(CaseValidationError) as err:
+        engine.report(load_case("01-goods-on-sidewalk"), GRID_WORKER, on_spot=True)
+    assert err.value.fields == ("evidence",)
+    with pytest.raises(RoleNotAllowed):
+        engine.report(load_case("01-goods-on-sidewalk"), RESIDENT, on_spot=True,
+                      evidence=["https://img/a.jpg"])
+    view = engine.report(load_case("01-goods-on-sidewalk"), GRID_WORKER, on_spot=True,
+                         evidence=["https://img/before.jpg", "https://img/after.jpg"])
+    assert view.state == "handled" and view.on_spot
+    assert view.lead == "grid-worker" and view.handler == GRID_WORKER.id
+    assert view.evidence == ("https://img/before.jpg", "https://img/after.jpg")
+    assert [e.type for e in engine.history(view.id)] == ["reported", "resolve_on_spot"]
+    engine.verify(view.id, GRID_CHIEF)
+    engine.close(view.id, SUPERVISOR)
+    assert engine.evaluate(view.id, RESIDENT, "satisfied").state == "evaluated"
+    assert_consistent(engine, view.id)
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+def test_dispatch_stores_decision_and_due_time(engine: Engine, clock: ManualClock) -> None:
+    cid = to_state(engine, "filed")
+    view = engine.dispatch(cid, DISPATCHER)
+    assert view.state == "dispatched"
+    assert (view.lead, view.tier, view.unit) == ("district-civil", "district", "wujin")
+    assert view.assist == ("grid-worker",)
+    assert view.decision is not None
+    assert view.decision["rule"] == "elderly-card"
+    assert view.decision["policy_version"] == engine.policy.version
+    assert view.decision["time_limit"] == "5wd"
+    # the clock starts at dispatch (Monday 09:00): 5 working days → next Monday 09:00
+    assert view.dispatched_at == clock.now()
+    assert view.due_at == datetime(2026, 3, 16, 9, 0, tzinfo=CST)
+    # warning at 80 % of 37.5 working hours = 30 h → Friday 09:00
+    assert view.warn_at == datetime(2026, 3, 13, 9, 0, tzinfo=CST)
+    assert [(k, d) for k, d, _ in timers(engine, cid)] == [
+        ("warn", view.warn_at), ("overdue", view.due_at)]
+    event = engine.history(cid)[-1]
+    assert event.type == "dispatch" and event.payload["decision"]["rule"] == "elderly-card"
+    assert_consistent(engine, cid)
+
+
+def test_dispatch_override_needs_reason_and_known_department(engine: Engine) -> None:
+    cid = to_state(engine, "filed")
+    before = snapshot(engine, cid)
+    with pytest.raises(CaseValidationError) as err:
+        engine.dispatch(cid, DISPATCHER, override=("social-affairs", ""))
+    assert err.value.fields == ("override.reason",)
+    with pytest.raises(CaseValidationError):
+        engine.dispatch(cid, DISPATCHER, override=("no-such-dept", "because"))
+    assert snapshot(engine, cid) == before
+    view = engine.dispatch(cid, DUTY_CHIEF, override=("social-affairs", "street handles cards"))
+    assert view.lead == "social-affairs" and view.tier == "street"
+    assert engine.history(cid)[-1].payload["override"] == {
+        "proposed": "district-civil", "lead": "social-affairs", "reason": "street handles cards"}
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+@pytest.mark.parametrize(
+    ("state", "command", "error"),
+    [
+        ("reported", lambda e, c: e.verify(c, SUPERVISOR), TransitionNotAllowed),
+        ("reported", lambda e, c: e.file(c, RESIDENT), RoleNotAllowed),
+        ("reported", lambda e, c: e.cancel(c, CLERK, ""), CaseValidationError),
+        ("filed", lambda e, c: e.dispatch(c, GRID_WORKER), RoleNotAllowed),
+        ("dispatched", lambda e, c: e.accept(c, POLICE), TransitionNotAllowed),
+        ("dispatched", lambda e, c: e.accept(c, Actor("x", "handler")), TransitionNotAllowed),
+        ("dispatched", lambda e, c: e.claim(c, CIVIL), TransitionNotAllowed),  # not a pool
+        ("handling", lambda e, c: e.return_case(c, CIVIL, "  "), CaseValidationError),
+        ("handling", lambda e, c: e.return_case(c, POLICE, "not ours"), TransitionNotAllowed),
+        ("handling", lambda e, c: e.feedback(c, CIVIL), CaseValidationError),
+        ("handling", lambda e, c: e.request_extension(c, CIVIL, "rain", "soon"),
+         CaseValidationError),
+        ("handling", lambda e, c: e.approve_extension(c, DUTY_CHIEF), TransitionNotAllowed),
+        ("handling", lambda e, c: e.defer(c, DUTY_CHIEF, None), CaseValidationError),  # type: ignore[arg-type]
+        ("handling", lambda e, c: e.summon(c, LIAISON, ["police-station"]),
+         TransitionNotAllowed),  # district tier: summoning is a street-tier tool
+        ("handled", lambda e, c: e.rework(c, SUPERVISOR, ""), CaseValidationError),
+        ("handled", lambda e, c: e.close(c, SUPERVISOR), TransitionNotAllowed),
+        ("closed", lambda e, c: e.evaluate(c, RESIDENT, "great"), CaseValidationError),
+        ("closed", lambda e, c: e.evaluate(c, CIVIL, "satisfied"), RoleNotAllowed),
+        ("evaluated", lambda e, c: e.decide_appeal(c, REVIEWER, upheld=True),
+         TransitionNotAllowed),
+        ("evaluated", lambda e, c: e.appeal(c, RESIDENT, "mood", "x"), CaseValidationError),
+        ("handling", lambda e, c: e.escalate(c, DUTY_CHIEF, "top"), TransitionNotAllowed),
+    ],
+)
+def test_refused_commands_change_nothing(
+    engine: Engine, state: str, command: Callable[[Engine, str], Any], error: type[Exception]
+) -> None:
+    cid = to_state(engine, state)
+    before = snapshot(engine, cid)
+    before_timers = timers(engine, cid)
+    with pytest.raises(error):
+        command(engine, cid)
+    assert snapshot(engine, cid) == before
+    assert timers(engine, cid) == before_timers
+
+
+def test_failure_inside_a_command_leaves_the_store_as_before(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cid = to_state(engine, "filed")
+    before, before_timers = snapshot(engine, cid), timers(engine, cid)
+    original = StoreTx.append
+
+    def append_then_fail(self: StoreTx, *args: Any, **kwargs: Any) -> Any:
+        original(self, *args, **kwargs)  # the row and the events are written ...
+        raise RuntimeError("disk on fire")  # ... then the command fails
+
+    monkeypatch.setattr(StoreTx, "append", append_then_fail)
+    with pytest.raises(RuntimeError):
+        engine.dispatch(cid, DISPATCHER)
+    monkeypatch.undo()
+    assert snapshot(engine, cid) == before
+    assert timers(engine, cid) == before_timers
+    with engine.store.transaction() as tx:
+        assert all(m.case_id != cid or m.seq <= before[0] for m in tx.outbox_fetch(1000))
+    assert engine.dispatch(cid, DISPATCHER).state == "dispatched"  # and it still works
+
+
+def test_failed_report_writes_nothing(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    original = StoreTx.insert_case
+
+    def insert_then_fail(self: StoreTx, *args: Any, **kwargs: Any) -> Any:
+        original(self, *args, **kwargs)
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(StoreTx, "insert_case", insert_then_fail)
+    with pytest.raises(RuntimeError):
+        engine.report(load_case("08-elderly-card"), GRID_WORKER, idempotency_key="once")
+    monkeypatch.undo()
+    assert engine.worklist() == []
+
+
+# --------------------------------------------------------------------------- handling
+
+
+def test_claim_by_exactly_one(engine: Engine) -> None:
+    cid = to_state(engine, "dispatched", "01-goods-on-sidewalk")
+    view = engine.get(cid)
+    assert view.pool == "patrol" and view.unit == "qdj-g3"
+    other_grid = Actor("gw-2", "grid_worker", department="grid-worker", unit="qdj-g1")
+    with pytest.raises(TransitionNotAllowed, match="not eligible"):
+        engine.claim(cid, other_grid)
+    first = Actor("gw-a", "grid_worker", department="grid-worker", unit="qdj-g3")
+    second = Actor("gw-b", "grid_worker", department="grid-worker", unit="qdj-g3")
+    assert engine.claim(cid, first).handler == "gw-a"
+    with pytest.raises(TransitionNotAllowed):
+        engine.claim(cid, second)
+    assert engine.get(cid).handler == "gw-a"
+    assert [e.type for e in engine.history(cid)].count("claim") == 1
+
+
+def test_claim_race_raises_concurrency_conflict(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cid = to_state(engine, "dispatched", "01-goods-on-sidewalk")
+    with engine.store.transaction() as tx:
+        stale = tx.require_case(cid)  # what the slower worker read
+    engine.claim(cid, Actor("gw-a", "grid_worker", department="grid-worker"))
+    monkeypatch.setattr(StoreTx, "require_case", lambda self, case_id, for_update=False: stale)
+    with pytest.raises(ConcurrencyConflict):
+        engine.claim(cid, Actor("gw-b", "grid_worker", department="grid-worker"))
+    monkeypatch.undo()
+    assert engine.get(cid).handler == "gw-a"
+    assert_consistent(engine, cid)
+
+
+def test_extension_moves_the_deadline(engine: Engine) -> None:
+    cid = to_state(engine, "handling")
+    due = engine.get(cid).due_at
+    assert due is not None
+    engine.request_extension(cid, CIVIL, "applicant abroad", "2wd")
+    with pytest.raises(TransitionNotAllowed, match="already pending"):
+        engine.request_extension(cid, CIVIL, "again", "1wd")
+    view = engine.approve_extension(cid, DUTY_CHIEF)
+    assert view.due_at == datetime(2026, 3, 18, 9, 0, tzinfo=CST)  # +2 working days
+    assert view.extensions[0]["status"] == "approved" and view.pending_extension is None
+    assert ("overdue", view.due_at) in [(k, d) for k, d, _ in timers(engine, cid)]
+    engine.request_extension(cid, CIVIL, "more", "1wd")
+    view = engine.deny_extension(cid, DUTY_CHIEF)
+    assert view.due_at == datetime(2026, 3, 18, 9, 0, tzinfo=CST)
+    assert [x["status"] for x in view.extensions] == ["approved", "denied"]
+    assert_consistent(engine, cid)
+
+
+def test_defer_resume_cancel(engine: Engine) -> None:
+    cid = to_state(engine, "handling")
+    assert engine.defer(cid, DUTY_CHIEF, "needs funding next year").state == "deferred"
+    assert engine.resume(cid, DISPATCHER).state == "handling"
+    other = to_state(engine, "filed")
+    view = engine.cancel(other, CLERK, "duplicate of an earlier report")
+    assert view.state == "cancelled" and view.data["cancel_reason"].startswith("duplicate")
+    with pytest.raises(TransitionNotAllowed):
+        engine.dispatch(other, DISPATCHER)
+
+
+def test_worklists_and_queries(engine: Engine, clock: ManualClock) -> None:
+    a = to_state(engine, "handling")
+    b = to_state(engine, "dispatched", "01-goods-on-sidewalk")
+    to_state(engine, "evaluated")
+    assert [v.id for v in engine.worklist(department="district-civil")] == [a]
+    assert [v.id for v in engine.worklist(pool="patrol")] == [b]
+    assert [v.id for v in engine.worklist(handler="h-1")] == [a]
+    assert [v.id for v in engine.worklist(unit="qdj-g3")] == [b]
+    assert {v.id for v in engine.worklist(states=["evaluated"])} == {
+        v.id for v in engine.worklist(states=["evaluated"])}
+    assert engine.overdue() == []
+    assert [v.id for v in engine.near_due("2wh")] == [b]  # due 11:00, now 09:00
+    clock.advance(hours=3)
+    assert [v.id for v in engine.overdue()] == [b]
+
+
+# --------------------------------------------------------------------------- supervision
+
+
+def test_tick_warns_then_marks_overdue_once(engine: Engine, clock: ManualClock) -> None:
+    cid = to_state(engine, "handling")
+    view = engine.get(cid)
+    assert view.warn_at is not None and view.due_at is not None
+    assert engine.tick(view.warn_at - timedelta(seconds=1)) == []
+    fired = engine.tick(view.warn_at)
+    assert [e.type for e in fired] == ["warn"]
+    assert engine.tick(view.warn_at) == []  # idempotent
+    assert engine.get(cid).warned and not engine.get(cid).overdue
+    fired = engine.tick(view.due_at + timedelta(hours=1))
+    assert [(e.type, e.actor_role) for e in fired] == [("mark_overdue", "system")]
+    assert engine.tick(view.due_at + timedelta(hours=1)) == []
+    assert engine.get(cid).overdue
+    assert engine.get(cid).tier == "district"  # wujin does not escalate on overdue
+    assert_consistent(engine, cid)
+
+
+def test_tick_ignores_finished_cases(engine: Engine) -> None:
+    cid = to_state(engine, "handled")
+    assert timers(engine, cid) == []
+    assert engine.tick(datetime(2027, 1, 1, tzinfo=CST)) == []
+
+
+def test_tick_uses_the_clock_by_default(engine: Engine, clock: ManualClock) -> None:
+    cid = to_state(engine, "dispatched", "01-goods-on-sidewalk")
+    clock.advance(hours=5)
+    assert [e.type for e in engine.tick()] == ["warn", "mark_overdue"]
+    assert engine.get(cid).overdue
+
+
+# --------------------------------------------------------------------------- escalation
+
+
+def test_escalation_by_timeout(strict_engine: Engine) -> None:
+    engine = strict_engine
+    cid = to_state(engine, "handling", "01-goods-on-sidewalk")
+    view = engine.get(cid)
+    assert view.tier == "grid" and view.due_at == datetime(2026, 3, 9, 11, 0, tzinfo=CST)
+    assert view.warn_at == datetime(2026, 3, 9, 10, 30, tzinfo=CST)  # warn_at: 0.75
+    fired = engine.tick(view.due_at)
+    assert [e.type for e in fired] == ["warn", "mark_overdue", "escalate"]
+    view = engine.get(cid)
+    assert view.tier == "community" and view.unit == "qdj"
+    assert view.escalations[-1]["cause"] == "overdue"
+    assert_consistent(engine, cid)
+
+
+def test_escalation_by_repeated_returns(engine: Engine) -> None:
+    cid = to_state(engine, "dispatched", "10-dog-nuisance")
+    assert engine.get(cid).lead == "community-station"
+    community = Actor("cs-1", "handler", department="community-station")
+    view = engine.return_case(cid, community, "owner lives in another community")
+    assert view.state == "filed" and view.returned_by == ("community-station",)
+    assert view.escalations == ()
+    view = engine.dispatch(cid, DISPATCHER)
+    assert view.lead == "street-command"  # re-routed without the department that returned it
+    view = engine.return_case(cid, Actor("sc-1", "handler", department="street-command"),
+                              "needs the police")
+    assert view.returned_by == ("community-station", "street-command")
+    assert view.tier == "district" and view.escalations[-1]["cause"] == "repeated returns"
+    assert [e.type for e in engine.history(cid)][-2:] == ["return_case", "escalate"]
+    # re-dispatch keeps the escalated tier
+    assert engine.dispatch(cid, DISPATCHER).tier == "district"
+    assert_consistent(engine, cid)
+
+
+def test_escalation_by_repeated_rework(strict_engine: Engine) -> None:
+    engine = strict_engine
+    cid = to_state(engine, "handled", "01-goods-on-sidewalk")
+    view = engine.rework(cid, SUPERVISOR, "goods are back on the pavement")
+    assert view.state == "handling" and view.rework_count == 1 and view.tier == "grid"
+    h = Actor("gw-chen", "grid_worker", department="grid-worker")
+    engine.feedback(cid, h, evidence=["https://img/2.jpg"])
+    view = engine.rework(cid, GRID_CHIEF, "still there")
+    assert view.rework_count == 2 and view.tier == "community"
+    assert view.escalations[-1]["cause"] == "repeated rework"
+    assert view.lead == "grid-worker"  # rework stays with the same department
+
+
+def test_escalation_by_a_person(engine: Engine) -> None:
+    cid = to_state(engine, "dispatched", "01-goods-on-sidewalk")
+    with pytest.raises(CaseValidationError):
+        engine.escalate(cid, GRID_CHIEF, "")
+    view = engine.escalate(cid, GRID_CHIEF, "shop owner refuses")
+    assert view.tier == "community" and view.escalations[-1]["by"] == GRID_CHIEF.id
+    engine.escalate(cid, DUTY_CHIEF, "still refuses")
+    view = engine.escalate(cid, DUTY_CHIEF, "district please")
+    assert view.tier == "district"
+    before = snapshot(engine, cid)
+    with pytest.raises(TransitionNotAllowed, match="top of the escalation path"):
+        engine.escalate(cid, DUTY_CHIEF, "higher")
+    assert snapshot(engine, cid) == before
+
+
+def test_summon_at_street_tier(engine: Engine) -> None:
+    cid = to_state(engine, "dispatched", "11-bulky-waste")
+    assert engine.get(cid).tier == "street"
+    with pytest.raises(CaseValidationError):
+        engine.summon(cid, LIAISON, ["no-such"])
+    view = engine.summon(cid, LIAISON, ["district-cg", "district-housing"], "whistle")
+    assert view.summoned == ("district-cg", "district-housing")
+    joint = Actor("cg-1", "handler", department="district-cg")
+    engine.accept(cid, Actor("san-1", "handler", department="sanitation"))
+    assert engine.feedback(cid, joint, note="bulky waste removed").state == "handled"
+
+
+# --------------------------------------------------------------------------- appeals, reopen
+
+
+def test_appeal_windows(engine: Engine, clock: ManualClock) -> None:
+    cid = to_state(engine, "handling")
+    clock.advance(days=3)  # Thursday: 3 working days after dispatch > 2wd
+    with pytest.raises(TransitionNotAllowed, match="routing appeal window"):
+        engine.appeal(cid, CIVIL, "routing", "not ours")
+    fresh = to_state(engine, "handling")
+    with pytest.raises(TransitionNotAllowed):
+        engine.appeal(fresh, POLICE, "routing", "not even assigned to us")
+    engine.appeal(fresh, CIVIL, "routing", "cards are issued by the street")
+    with pytest.raises(TransitionNotAllowed, match="already pending"):
+        engine.appeal(fresh, CIVIL, "routing", "again")
+    assert engine.get(fresh).pending_appeal is not None
+    # score window: 5 working days after evaluation
+    done = to_state(engine, "evaluated")
+    clock.advance(days=8)
+    with pytest.raises(TransitionNotAllowed, match="score appeal window"):
+        engine.appeal(done, CIVIL, "score", "rain")
+    # resident window: 7 days after closure
+    with pytest.raises(TransitionNotAllowed, match="resident appeal window"):
+        engine.appeal(done, RESIDENT, "resident", "still broken")
+
+
+def test_reopen_window(engine: Engine, clock: ManualClock) -> None:
+    cid = to_state(engine, "evaluated")
+    clock.advance(days=2)
+    view = engine.reopen(cid, RESIDENT, "the card never arrived")
+    assert view.state == "handling" and view.reopen_count == 1 and not view.verified
+    assert view.due_at is not None and view.due_at > clock.now()
+    late = to_state(engine, "closed")
+    clock.advance(days=8)
+    with pytest.raises(TransitionNotAllowed, match="reopen window"):
+        engine.reopen(late, RESIDENT, "late")
