@@ -11,17 +11,17 @@ import itertools
 from collections.abc import Sequence
 from typing import Any
 
-from gridflow.conditions import AllOf, AnyOf, Cond, Test
+from gridflow.conditions import AllOf, AnyOf, Cond, Predicate
 
 __all__ = ["dnf", "may_overlap", "shadows"]
 
 MAX_TERMS = 32
-Term = tuple[Test, ...]
+Term = tuple[Predicate, ...]
 
 
 def dnf(cond: Cond, limit: int = MAX_TERMS) -> list[Term] | None:
     """Disjunctive normal form as a list of conjunctions, or None when too large."""
-    if isinstance(cond, Test):
+    if isinstance(cond, Predicate):
         return [(cond,)]
     if isinstance(cond, AnyOf):
         out: list[Term] = []
@@ -44,7 +44,7 @@ def dnf(cond: Cond, limit: int = MAX_TERMS) -> list[Term] | None:
     return terms
 
 
-def _implies(b: Test, a: Test) -> bool:
+def _implies(b: Predicate, a: Predicate) -> bool:
     """Does test ``b`` holding guarantee test ``a`` holds (same field)?"""
     if a.field != b.field:
         return False
@@ -72,7 +72,7 @@ def _implies(b: Test, a: Test) -> bool:
     return False
 
 
-def _holds_for(t: Test, v: Any) -> bool:
+def _holds_for(t: Predicate, v: Any) -> bool:
     op, x = t.op, t.value
     try:
         if op == "eq":
@@ -114,7 +114,7 @@ def shadows(earlier: Cond, later: Cond) -> bool:
     return all(any(_term_implies(b, a) for a in a_terms) for b in b_terms)
 
 
-def _field_satisfiable(tests: Sequence[Test]) -> bool:
+def _field_satisfiable(tests: Sequence[Predicate]) -> bool:
     values: set[Any] | None = None
     for t in tests:
         if t.op == "eq":
@@ -148,7 +148,7 @@ def _field_satisfiable(tests: Sequence[Test]) -> bool:
 
 
 def _term_satisfiable(term: Term) -> bool:
-    by_field: dict[str, list[Test]] = {}
+    by_field: dict[str, list[Predicate]] = {}
     for t in term:
         by_field.setdefault(t.field, []).append(t)
     return all(_field_satisfiable(ts) for ts in by_field.values())

@@ -115,7 +115,7 @@ def test_cmd(directory: str, verbose: bool) -> None:
 
 
 def _decision_json(d: Decision) -> dict[str, Any]:
-    out: dict[str, Any] = d.model_dump(mode="json")
+    out: dict[str, Any] = d.to_dict()
     out["explain"] = d.explain()
     return out
 

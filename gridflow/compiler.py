@@ -18,7 +18,10 @@ durable_rules traps handled here (BRIEF §12):
   all: the names of the fired rules are read from the engine's action queue, so
   nothing can be swallowed and no thread is started; a non-zero engine status is
   raised as :class:`~gridflow.errors.RoutingError`;
-* the engine is not thread-safe → one process-wide lock serializes every call.
+* the engine is not thread-safe → one process-wide lock serializes every call;
+* its ``$mt`` regex automaton gives wrong answers (see "text predicates" below)
+  → text tests are evaluated exactly in Python and handed to the engine as
+  boolean fields.
 
 Rules are bucketed by category group so a case is posted only to the shards that
 can match its category (plus the shards of category-independent rules); within a
@@ -40,15 +43,8 @@ from typing import Any, Literal
 
 import durable_rules_engine
 
-from gridflow.conditions import CATEGORY, AllOf, AnyOf, Cond, Test
+from gridflow.conditions import CATEGORY, AllOf, AnyOf, Cond, Predicate
 from gridflow.errors import RoutingError
-
-try:  # Python 3.11+: the stdlib's own regex parser (private module, stable API)
-    from re import _constants as _sre_c  # type: ignore[attr-defined]
-    from re import _parser as _sre_parse  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - older Pythons
-    import sre_constants as _sre_c  # type: ignore[no-redef]
-    import sre_parse as _sre_parse  # type: ignore[no-redef]
 
 __all__ = [
     "HARD_RULESET_LIMIT",
@@ -57,7 +53,6 @@ __all__ = [
     "RuleTooComplex",
     "TableSpec",
     "check_regex",
-    "translate_regex",
 ]
 
 HARD_RULESET_LIMIT = 500
@@ -69,218 +64,96 @@ _LOCK = threading.RLock()
 _SERIAL = itertools.count(1)
 
 
-# --- regular expressions ---------------------------------------------------------------
+# --- text predicates ----------------------------------------------------------------------
 #
-# durable_rules has its own regex dialect: the whole value must match, no escapes,
-# no anchors, and some characters crash or fail it. Users write Python regexes with
-# search semantics; we translate through the stdlib parser and reject what the
-# engine cannot express exactly. Semantics: Python ``re.search`` with ``re.ASCII``.
-
-_FORBIDDEN_CHARS = set('%\\]"') | {chr(c) for c in range(32)} | {"\x7f"}
-_SPECIAL = set(".*+?|()[{}")
-_MAX_REPEAT = 32
+# durable_rules' ``$mt`` regex automaton is not reliable: fuzzing it against Python's
+# ``re`` shows wrong answers even for plain substrings (``.*axa.*`` does not match
+# "xaxax"), refuses some small patterns (status 503) and crashes the process on
+# non-ASCII character ranges. So text tests (contains, prefix, regex) are evaluated
+# exactly in Python, once per case, into boolean fields ``p<k>`` of the fact; the
+# rules engine combines them with every other test and applies the hit policies.
 
 
-class _Unsupported(ValueError):
-    pass
-
-
-def _lit(code: int, in_class: bool = False) -> str:
-    ch = chr(code)
-    if ch in _FORBIDDEN_CHARS:
-        raise _Unsupported(f"the rules engine cannot match the character {ch!r}")
-    if in_class:
-        if ch in "^-[":
-            raise _Unsupported(f"put {ch!r} outside a character class or use another form")
-        return ch
-    return f"[{ch}]" if ch in _SPECIAL else ch
-
-
-_CATEGORY_CLASSES = {
-    _sre_c.CATEGORY_DIGIT: "0-9",
-    _sre_c.CATEGORY_WORD: "a-zA-Z0-9_",
-    _sre_c.CATEGORY_SPACE: " ",
-}
-
-
-def _class(items: list[tuple[Any, Any]]) -> str:
-    negate = False
-    body: list[str] = []
-    for op, av in items:
-        if op is _sre_c.NEGATE:
-            negate = True
-        elif op is _sre_c.LITERAL:
-            body.append(_lit(av, in_class=True))
-        elif op is _sre_c.RANGE:
-            lo, hi = av
-            if hi > 0x7E or lo < 0x20:
-                raise _Unsupported("character ranges must be printable ASCII (e.g. 0-9, a-z)")
-            body.append(f"{_lit(lo, True)}-{_lit(hi, True)}")
-        elif op is _sre_c.CATEGORY and av in _CATEGORY_CLASSES:
-            body.append(_CATEGORY_CLASSES[av])
-        else:
-            raise _Unsupported(f"unsupported inside a character class: {op}")
-    if not body:
-        raise _Unsupported("empty character class")
-    return "[" + ("^" if negate else "") + "".join(body) + "]"
-
-
-def _emit(seq: Any, top: bool = False) -> str:
-    out: list[str] = []
-    items = list(seq)
-    for pos, (op, av) in enumerate(items):
-        if op is _sre_c.LITERAL:
-            out.append(_lit(av))
-        elif op is _sre_c.NOT_LITERAL:
-            out.append("[^" + _lit(av, in_class=True) + "]")
-        elif op is _sre_c.ANY:
-            out.append(".")
-        elif op is _sre_c.IN:
-            if len(av) == 1 and av[0][0] is _sre_c.CATEGORY:
-                out.append(_class(av))
-            else:
-                out.append(_class(av))
-        elif op in (_sre_c.MAX_REPEAT, _sre_c.MIN_REPEAT):
-            lo, hi, sub = av
-            inner = _emit(sub)
-            sub_items = list(sub)
-            if not (len(sub_items) == 1 and sub_items[0][0] in (_sre_c.LITERAL, _sre_c.ANY, _sre_c.IN,
-                                                                  _sre_c.NOT_LITERAL)):
-                inner = f"({inner})"
-            if hi is _sre_c.MAXREPEAT:
-                if lo == 0:
-                    out.append(inner + "*")
-                elif lo == 1:
-                    out.append(inner + "+")
-                elif lo > _MAX_REPEAT:
-                    raise _Unsupported(f"repeat counts above {_MAX_REPEAT} are not supported")
-                else:
-                    out.append(f"{inner}{{{lo},}}")
-            else:
-                if hi == 0:
-                    out.append("")
-                elif hi > _MAX_REPEAT:
-                    raise _Unsupported(f"repeat counts above {_MAX_REPEAT} are not supported")
-                elif lo == 0 and hi == 1:
-                    out.append(inner + "?")
-                elif lo == hi:
-                    out.append(f"{inner}{{{lo}}}")
-                else:
-                    out.append(f"{inner}{{{lo},{hi}}}")
-        elif op is _sre_c.SUBPATTERN:
-            group, add_flags, del_flags, sub = av
-            if add_flags or del_flags:
-                raise _Unsupported("inline flags are not supported")
-            out.append(f"({_emit(sub)})")
-        elif op is _sre_c.BRANCH:
-            _, branches = av
-            out.append("(" + "|".join(_emit(b) for b in branches) + ")")
-        elif op is _sre_c.AT:
-            if top and ((pos == 0 and av in (_sre_c.AT_BEGINNING, _sre_c.AT_BEGINNING_STRING))
-                        or (pos == len(items) - 1 and av in (_sre_c.AT_END,
-                                                             _sre_c.AT_END_STRING))):
-                continue
-            raise _Unsupported("anchors (^ $ \\b \\A \\Z) are only supported at the very start "
-                               "or end of the pattern or of a top-level alternative")
-        else:
-            name = str(op).lower()
-            raise _Unsupported(f"unsupported regex feature: {name}")
-    return "".join(out)
-
-
-def _anchored(seq: Any) -> tuple[bool, bool]:
-    items = list(seq)
-    start = bool(items) and items[0][0] is _sre_c.AT and items[0][1] in (
-        _sre_c.AT_BEGINNING, _sre_c.AT_BEGINNING_STRING)
-    end = bool(items) and items[-1][0] is _sre_c.AT and items[-1][1] in (
-        _sre_c.AT_END, _sre_c.AT_END_STRING)
-    return start, end
-
-
-def translate_regex(pattern: str) -> str:
-    """Python search-semantics regex → durable_rules full-match regex (or ValueError)."""
-    try:
-        parsed = _sre_parse.parse(pattern, re.ASCII)
-    except re.error as exc:
-        raise ValueError(str(exc)) from None
-    items = list(parsed)
-    branches: list[Any]
-    if len(items) == 1 and items[0][0] is _sre_c.BRANCH:
-        branches = list(items[0][1][1])
-    else:
-        branches = [parsed]
-    out: list[str] = []
-    for branch in branches:
-        start, end = _anchored(branch)
-        body = _emit(branch, top=True)
-        out.append(("" if start else ".*") + body + ("" if end else ".*"))
-    if len(out) == 1:
-        return out[0]
-    return "|".join(f"({b})" for b in out)
+@functools.lru_cache(maxsize=4096)
+def _compiled(pattern: str) -> re.Pattern[str]:
+    return re.compile(pattern, re.ASCII)
 
 
 @functools.lru_cache(maxsize=4096)
 def check_regex(pattern: str) -> str | None:
-    """Why ``pattern`` cannot be used in a rule, or None when it can.
-
-    Besides translating, the pattern is compiled by the engine once: its regex
-    automaton has size limits that only the engine itself can tell.
-    """
+    """Why ``pattern`` cannot be used in a rule, or None when it can (Python syntax)."""
     try:
-        translated = translate_regex(pattern)
-    except ValueError as exc:
+        _compiled(pattern)
+    except re.error as exc:
         return str(exc)
-    return _probe(translated)
-
-
-@functools.lru_cache(maxsize=4096)
-def _probe(engine_regex: str) -> str | None:
-    rule = {"probe": {"all": [{"m": {"$and": [{MARKER: 1}, {"$mt": {"t": engine_regex}}]}}]}}
-    name = f"gfprobe{next(_SERIAL)}"
-    with _LOCK:
-        try:
-            handle = durable_rules_engine.create_ruleset(name, json.dumps(rule, ensure_ascii=False))
-        except Exception as exc:
-            return f"too complex for the rules engine's regex automaton ({exc}); simplify it"
-        durable_rules_engine.delete_ruleset(handle)
     return None
 
 
-def _literal_regex(text: str) -> str:
-    return "".join(_lit(ord(ch)) for ch in text)
+def _text_test(op: str, value: str) -> Any:
+    if op == "contains":
+        return lambda text: value in text
+    if op == "prefix":
+        return lambda text: text.startswith(value)
+    pattern = _compiled(value)
+    return lambda text: pattern.search(text) is not None
 
 
 # --- conditions → durable JSON -----------------------------------------------------------
 
 
-def _to_json(cond: Cond) -> dict[str, Any]:
-    if isinstance(cond, AllOf):
-        return {"$and": [_to_json(c) for c in cond.items]} if cond.items else {MARKER: 1}
-    if isinstance(cond, AnyOf):
-        return {"$or": [_to_json(c) for c in cond.items]}
-    f, op, v = cond.field, cond.op, cond.value
-    if op == "eq":
-        return {f: v}
-    if op == "ne":
-        return {"$neq": {f: v}}
-    if op in ("lt", "lte", "gt", "gte"):
-        return {f"${op}": {f: v}}
-    if op == "in":
-        return {"$or": [{f: x} for x in v]} if len(v) > 1 else {f: v[0]}
-    if op == "not_in":
-        return {"$and": [{"$neq": {f: x}} for x in v]}
-    if op == "prefix":
-        return {"$mt": {f: _literal_regex(v) + ".*"}}
-    if op == "contains":
-        return {"$mt": {f: ".*" + _literal_regex(v) + ".*"}}
-    if op == "regex":
-        return {"$mt": {f: translate_regex(v)}}
-    raise AssertionError(f"unknown op {op}")
+class _Predicates:
+    """Registry of the text tests of a compiled policy: (field, op, value) → fact field."""
+
+    def __init__(self) -> None:
+        self.index: dict[tuple[str, str, str], int] = {}
+        self.tests: list[tuple[str, Any]] = []  # (fact field read, test function)
+
+    def field(self, cond: Predicate) -> str:
+        key = (cond.field, cond.op, str(cond.value))
+        if key not in self.index:
+            self.index[key] = len(self.tests)
+            self.tests.append((cond.field, _text_test(cond.op, str(cond.value))))
+        return f"p{self.index[key]}"
+
+    def to_json(self, cond: Cond, used: set[int]) -> dict[str, Any]:
+        if isinstance(cond, AllOf):
+            if not cond.items:
+                return {MARKER: 1}
+            return {"$and": [self.to_json(c, used) for c in cond.items]}
+        if isinstance(cond, AnyOf):
+            return {"$or": [self.to_json(c, used) for c in cond.items]}
+        f, op, v = cond.field, cond.op, cond.value
+        if op in ("contains", "prefix", "regex"):
+            name = self.field(cond)
+            used.add(int(name[1:]))
+            return {name: True}
+        if op == "eq":
+            return {f: v}
+        if op == "ne":
+            return {"$neq": {f: v}}
+        if op in ("lt", "lte", "gt", "gte"):
+            return {f"${op}": {f: v}}
+        if op == "in":
+            return {"$or": [{f: x} for x in v]} if len(v) > 1 else {f: v[0]}
+        if op == "not_in":
+            return {"$and": [{"$neq": {f: x}} for x in v]}
+        raise AssertionError(f"unknown op {op}")
+
+    def evaluate(self, fact: Mapping[str, Any], wanted: Sequence[int],
+                 out: dict[str, Any]) -> None:
+        for k in wanted:
+            name = f"p{k}"
+            if name in out:
+                continue
+            field, test = self.tests[k]
+            value = fact.get(field)
+            if isinstance(value, str):  # a missing (or non-text) field leaves p<k> absent
+                out[name] = bool(test(value))
 
 
 def category_scope(cond: Cond, codes: Sequence[str]) -> frozenset[str] | None:
     """Category codes ``cond`` can possibly match, or None when it does not restrict them."""
-    if isinstance(cond, Test):
+    if isinstance(cond, Predicate):
         if cond.field != CATEGORY:
             return None
         if cond.op == "eq":
@@ -334,6 +207,7 @@ class _Shard:
     name: str
     first_index: int
     size: int
+    predicates: tuple[int, ...] = ()
 
 
 def _drop_rulesets(handles: list[int]) -> None:
@@ -364,6 +238,7 @@ class CompiledRules:
         self._ids = itertools.count(1)
         # table index → group → shards (sorted by first rule index)
         self._shards: list[dict[str, list[_Shard]]] = []
+        self._preds = _Predicates()
         self._visits: dict[tuple[int, str | None], list[_Shard]] = {}
         codes = sorted(self._groups)
         definitions: dict[str, dict[str, Any]] = {}
@@ -384,14 +259,17 @@ class CompiledRules:
                 for start in range(0, len(indexes), max_rules_per_ruleset):
                     chunk = indexes[start:start + max_rules_per_ruleset]
                     name = f"gf{self._serial}_t{t_index}_{len(definitions)}"
+                    used: set[int] = set()
                     definitions[name] = {
                         f"r{i}": {
-                            "all": [{"m": {"$and": [{MARKER: 1}, _to_json(table.rules[i].cond)]}}],
+                            "all": [{"m": {"$and": [
+                                {MARKER: 1}, self._preds.to_json(table.rules[i].cond, used)]}}],
                             "pri": i,
                         }
                         for i in chunk
                     }
-                    per_group.setdefault(group, []).append(_Shard(name, chunk[0], len(chunk)))
+                    per_group.setdefault(group, []).append(
+                        _Shard(name, chunk[0], len(chunk), tuple(sorted(used))))
             self._shards.append(per_group)
         self._handles: dict[str, int] = {}
         with _LOCK:
@@ -411,7 +289,8 @@ class CompiledRules:
         bad: list[tuple[int, int]] = []
         for t_index, table in enumerate(self.tables):
             for r_index, rule in enumerate(table.rules):
-                probe = {"r": {"all": [{"m": {"$and": [{MARKER: 1}, _to_json(rule.cond)]}}]}}
+                probe = {"r": {"all": [{"m": {"$and": [
+                    {MARKER: 1}, self._preds.to_json(rule.cond, set())]}}]}}
                 try:
                     handle = durable_rules_engine.create_ruleset(
                         f"gfprobe{next(_SERIAL)}", json.dumps(probe, ensure_ascii=False))
@@ -436,6 +315,7 @@ class CompiledRules:
         """Rule indexes that fire, per table in table order (each list in rule order)."""
         group = self._groups.get(str(fact.get(CATEGORY)))
         out: list[list[int]] = []
+        message = dict(fact)
         with _LOCK:
             for t_index, table in enumerate(self.tables):
                 shards = self._visit(t_index, group)
@@ -443,7 +323,9 @@ class CompiledRules:
                 for shard in shards:
                     if table.hit == "first" and found and min(found) < shard.first_index:
                         break
-                    found.update(self._post(shard.name, fact, as_fact=table.hit != "first"))
+                    if shard.predicates:
+                        self._preds.evaluate(fact, shard.predicates, message)
+                    found.update(self._post(shard.name, message, as_fact=table.hit != "first"))
                 hits = sorted(found)
                 if table.hit == "first":
                     hits = hits[:1]
@@ -461,7 +343,7 @@ class CompiledRules:
     def _post(self, ruleset: str, fact: Mapping[str, Any], *, as_fact: bool) -> list[int]:
         """Indexes of the rules the engine fires for this message (events: at most one)."""
         handle = self._handles[ruleset]
-        message = dict(fact)
+        message = dict(fact)  # the engine may keep facts: never hand it a dict we reuse
         message["id"] = next(self._ids)
         message["sid"] = "0"
         message[MARKER] = 1

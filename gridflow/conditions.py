@@ -1,6 +1,6 @@
 """Rule conditions as plain data, lowered from the ``when`` blocks of rule files.
 
-The intermediate form (:class:`Test`, :class:`AllOf`, :class:`AnyOf`) is what the
+The intermediate form (:class:`Predicate`, :class:`AllOf`, :class:`AnyOf`) is what the
 compiler turns into durable_rules JSON. It is also what traces print. Conditions
 read a *fact*: a flat dict built from a case by :func:`gridflow.routing.case_fact`,
 with the field names defined here.
@@ -24,7 +24,7 @@ __all__ = [
     "Cond",
     "LowerContext",
     "Op",
-    "Test",
+    "Predicate",
     "attr_field",
     "describe",
     "level_field",
@@ -60,7 +60,7 @@ def attr_field(name: str) -> str:
 
 
 @dataclass(frozen=True)
-class Test:
+class Predicate:
     field: str
     op: Op
     value: Any
@@ -80,7 +80,7 @@ class AnyOf:
     items: tuple[Cond, ...]
 
 
-Cond = Test | AllOf | AnyOf
+Cond = Predicate | AllOf | AnyOf
 
 Report = Callable[[tuple[str | int, ...], str, "str | None"], None]
 
@@ -174,9 +174,7 @@ class _Lowerer:
     ) -> Cond | None:
         if op == "contains_any":
             items = list(value)
-            for i, v in enumerate(items):
-                self._check_literal((*where, i), v)
-            return AnyOf(tuple(Test(fact_field, "contains", v, label) for v in items))
+            return AnyOf(tuple(Predicate(fact_field, "contains", v, label) for v in items))
         if op == "prefix" and isinstance(value, list):
             return AnyOf(tuple(
                 t for i, v in enumerate(value)
@@ -189,22 +187,15 @@ class _Lowerer:
             if check_value:
                 for i, v in enumerate(value):
                     check_value((*where, i), v)
-            return Test(fact_field, op, tuple(value), label)  # type: ignore[arg-type]
+            return Predicate(fact_field, op, tuple(value), label)  # type: ignore[arg-type]
         if op == "regex":
             problem = self.ctx.check_regex(value)
             if problem:
                 self.report(where, f"invalid regex {value!r}: {problem}", None)
                 return None
-        elif op in ("contains", "prefix"):
-            self._check_literal(where, value)
         if check_value and op in ("eq", "ne"):
             check_value(where, value)
-        return Test(fact_field, op, value, label)  # type: ignore[arg-type]
-
-    def _check_literal(self, where: tuple[str | int, ...], value: str) -> None:
-        problem = self.ctx.check_regex(_literal_probe(value))
-        if problem:
-            self.report(where, f"text {value!r} cannot be matched: {problem}", None)
+        return Predicate(fact_field, op, value, label)  # type: ignore[arg-type]
 
     # --- fields -------------------------------------------------------------------
 
@@ -260,7 +251,7 @@ class _Lowerer:
         for key in ("working_hours", "workday", "weekend", "holiday"):
             value = getattr(rep, key)
             if value is not None:
-                parts.append(Test(TIME_FIELDS[key], "eq", value, f"reported.{key}"))
+                parts.append(Predicate(TIME_FIELDS[key], "eq", value, f"reported.{key}"))
         for key, lo, hi in (("hour", 0, 23), ("weekday", 1, 7)):
             value = getattr(rep, key)
             if value is None:
@@ -341,13 +332,6 @@ class _Lowerer:
         return check
 
 
-def _literal_probe(text: str) -> str:
-    """A regex that matches ``text`` literally (to ask the compiler if it can express it)."""
-    import re
-
-    return re.escape(text)
-
-
 def lower_when(
     when: When, ctx: LowerContext, report: Report, path: tuple[str | int, ...] = ()
 ) -> Cond:
@@ -355,18 +339,18 @@ def lower_when(
     return _Lowerer(ctx, report).when(when, path)
 
 
-def tests_of(cond: Cond) -> list[Test]:
+def tests_of(cond: Cond) -> list[Predicate]:
     """Every test in a condition, in order (for traces)."""
-    if isinstance(cond, Test):
+    if isinstance(cond, Predicate):
         return [cond]
-    out: list[Test] = []
+    out: list[Predicate] = []
     for item in cond.items:
         out.extend(tests_of(item))
     return out
 
 
 def describe(cond: Cond) -> str:
-    if isinstance(cond, Test):
+    if isinstance(cond, Predicate):
         return str(cond)
     joiner = " and " if isinstance(cond, AllOf) else " or "
     if not cond.items:

@@ -423,8 +423,10 @@ class Engine:
                 new = apply(new, make)
             updated = self._record(new, policy.version)
             tx.append(updated, record.version, events)
+            # Timers are (re)armed when the supervised deadline changes. Timers of a case
+            # that left supervision are not deleted: ``tick`` skips them (one write less).
             timers = self._timers(new)
-            if timers != self._timers(proj):
+            if timers and timers != self._timers(proj):
                 tx.set_timers(case_id, timers)
             return CaseView.from_data(new)
 
@@ -490,11 +492,10 @@ class Engine:
         ]
         if on_spot:
             decision = policy.route(case_in)
-            lead = actor.department or decision.lead
-            tier = decision.tier
-            if actor.department in policy.registry.departments:
-                tier = policy.registry.departments[actor.department].tier
             reg = policy.registry
+            lead, tier = decision.lead, decision.tier
+            if actor.department is not None and actor.department in reg.departments:
+                lead, tier = actor.department, reg.departments[actor.department].tier
             unit = reg.unit_for_tier(case_in.location, tier) or decision.unit
             events.append(self._event(
                 "resolve_on_spot", actor, now, None,
@@ -576,17 +577,23 @@ class Engine:
                 new_lead, why = override
                 if new_lead not in reg.departments:
                     raise _invalid("override.department", f"unknown department {new_lead!r}")
-                why = self._text("override.reason", why, required=True)
-                payload["override"] = {"proposed": decision.lead, "lead": new_lead,
-                                       "reason": why}
+                payload["override"] = {
+                    "proposed": decision.lead,
+                    "lead": new_lead,
+                    "reason": self._text("override.reason", why, required=True),
+                }
                 lead, pool = new_lead, None
                 tier = reg.departments[new_lead].tier
                 unit = reg.unit_for_tier(location, tier) or reg.departments[new_lead].unit
             current = c.proj["tier"]
-            if current is not None and current in reg.tiers and tier in reg.tiers:
-                if reg.tier_rank(current) > reg.tier_rank(tier):  # escalated earlier
-                    tier = current
-                    unit = reg.unit_for_tier(location, tier) or unit
+            if (
+                current is not None
+                and current in reg.tiers
+                and tier in reg.tiers
+                and reg.tier_rank(current) > reg.tier_rank(tier)  # escalated earlier
+            ):
+                tier = current
+                unit = reg.unit_for_tier(location, tier) or unit
             due, warn = self._deadline(policy, c.now, decision.time_limit)
             payload.update({
                 "decision": self._decision_data(decision, due),
@@ -942,7 +949,7 @@ class Engine:
         updated = self._record(new, policy.version)
         written = tx.append(updated, record.version, events)
         timers = self._timers(new)
-        if timers != self._timers(proj):
+        if timers and timers != self._timers(proj):
             tx.set_timers(case_id, timers)
         return written
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from gridflow.calendar import BusinessCalendar, Duration, parse_duration
 from gridflow.compiler import CompiledRules
@@ -21,7 +21,7 @@ from gridflow.conditions import (
     URGENCY,
     AllOf,
     Cond,
-    Test,
+    Predicate,
     attr_field,
     describe,
     level_field,
@@ -43,10 +43,6 @@ __all__ = [
 ]
 
 _SPACE = re.compile(r"\s+")
-
-
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True)
 
 
 @dataclass(frozen=True)
@@ -71,8 +67,13 @@ class Notification:
     units: list[str] = field(default_factory=list)
 
 
-class Decision(_Frozen):
-    """Where a case goes and why, under which policy version."""
+@dataclass(frozen=True)
+class Decision:
+    """Where a case goes and why, under which policy version.
+
+    A plain dataclass (built on the routing hot path); ``to_dict()`` gives the
+    JSON-ready form used by the CLI, the store and replays.
+    """
 
     case_id: str | None
     category: str
@@ -95,6 +96,15 @@ class Decision(_Frozen):
     hits: list[RuleHit]
     policy_version: str
 
+    def to_dict(self, *, json: bool = True, exclude: set[str] | None = None) -> dict[str, Any]:
+        mode = "json" if json else "python"
+        out: dict[str, Any] = _DECISION.dump_python(self, mode=mode, exclude=exclude)
+        return out
+
+    def model_dump(self, *, mode: str = "python", exclude: set[str] | None = None) -> dict[str, Any]:
+        """pydantic-style alias of :meth:`to_dict`."""
+        return self.to_dict(json=mode == "json", exclude=exclude)
+
     def explain(self) -> list[str]:
         """Human-readable trace lines."""
         lines = []
@@ -106,6 +116,9 @@ class Decision(_Frozen):
                 lines.append(f"    {c.condition}  (seen: {c.seen!r})")
         lines.append(f"policy version {self.policy_version}")
         return lines
+
+
+_DECISION: TypeAdapter[Decision] = TypeAdapter(Decision)
 
 
 @dataclass(frozen=True)
@@ -322,7 +335,7 @@ class Router:
                          else reg.units_at(spec.broadcast))
                 notifications.append(Notification(
                     kind="broadcast", target=spec.broadcast, units=list(units)))
-        return Decision.model_construct(
+        return Decision(
             case_id=case.id,
             category=case.category,
             urgency=urgency,
@@ -365,7 +378,7 @@ def _trace_shape(cond: Cond) -> list[tuple[str, str, tuple[str, ...]]]:
     for item in items:
         tests = tests_of(item)
         out.append((
-            str(item) if isinstance(item, Test) else describe(item),
+            str(item) if isinstance(item, Predicate) else describe(item),
             ", ".join(dict.fromkeys(t.label for t in tests)),
             tuple(dict.fromkeys(t.field for t in tests)),
         ))

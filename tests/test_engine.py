@@ -197,7 +197,8 @@ def test_case_ids_from_key_or_factory(gridflow_engine_factory: Callable[..., Eng
     assert engine.report(load_case("08-elderly-card"), GRID_WORKER).id == "QSY-1"
     keyed = engine.report(load_case("08-elderly-card"), GRID_WORKER, idempotency_key="k")
     other = gridflow_engine_factory()
-    assert other.report(load_case("08-elderly-card"), GRID_WORKER, idempotency_key="k").id == keyed.id
+    again = other.report(load_case("08-elderly-card"), GRID_WORKER, idempotency_key="k")
+    assert again.id == keyed.id
     assert engine.report(load_case("08-elderly-card", id="GIVEN-7"), GRID_WORKER).id == "GIVEN-7"
 
 
@@ -446,8 +447,10 @@ def test_tick_warns_then_marks_overdue_once(engine: Engine, clock: ManualClock) 
 
 def test_tick_ignores_finished_cases(engine: Engine) -> None:
     cid = to_state(engine, "handled")
-    assert timers(engine, cid) == []
-    assert engine.tick(datetime(2027, 1, 1, tzinfo=CST)) == []
+    assert [k for k, _, _ in timers(engine, cid)] == ["warn", "overdue"]  # left armed ...
+    assert engine.tick(datetime(2027, 1, 1, tzinfo=CST)) == []  # ... and skipped
+    assert all(fired is not None for _, _, fired in timers(engine, cid))
+    assert engine.get(cid).version == len(engine.history(cid)) == 5
 
 
 def test_tick_uses_the_clock_by_default(engine: Engine, clock: ManualClock) -> None:

@@ -17,7 +17,7 @@ from zoneinfo import ZoneInfo
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule
+from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, precondition, rule
 
 from gridflow import Actor, Engine, load_policy
 from gridflow.clock import ManualClock
@@ -68,6 +68,23 @@ OPEN_DISPATCHED = ("dispatched", "handling", "deferred")
 RESETS_VERIFICATION = ("dispatch", "rework", "reopen", "uphold_resident_appeal")
 
 
+def _command_of(trigger: str) -> str | None:
+    if trigger.startswith("uphold_"):
+        return "uphold"
+    if trigger == "reject_appeal":
+        return "reject"
+    return trigger if trigger in COMMANDS else None
+
+
+def _trigger_of(command: str, data: dict[str, Any]) -> str:
+    pending = data.get("pending_appeal") or {}
+    if command == "uphold":
+        return f"uphold_{pending.get('kind', 'routing')}_appeal"
+    if command == "reject":
+        return "reject_appeal"
+    return command
+
+
 class EngineMachine(RuleBasedStateMachine):
     cases = Bundle("cases")
 
@@ -77,6 +94,7 @@ class EngineMachine(RuleBasedStateMachine):
         self.engine = Engine(POLICY, clock=self.clock)
         self.ids: list[str] = []
         self.refused = 0
+        self.done: dict[str, int] = {}
 
     def teardown(self) -> None:
         self.engine.dispose()
@@ -85,6 +103,7 @@ class EngineMachine(RuleBasedStateMachine):
         view = self.engine.get(cid)
         return view.version, [e.to_dict() for e in self.engine.history(cid)], dict(view.data)
 
+    @precondition(lambda self: len(self.ids) < 4)
     @rule(target=cases, index=st.integers(0, len(CASES) - 1), on_spot=st.booleans())
     def report(self, index: int, on_spot: bool) -> str:
         worker = Actor("gw", "grid_worker", department="grid-worker")
@@ -96,16 +115,31 @@ class EngineMachine(RuleBasedStateMachine):
         self.ids.append(view.id)
         return view.id
 
-    @rule(
-        cid=cases,
-        command=st.sampled_from(sorted(COMMANDS)),
-        role=st.sampled_from(ROLES),
-        mode=st.sampled_from(DEPARTMENT_MODES),
-        reason=st.sampled_from([None, "", "a reason"]),
-    )
-    def act(self, cid: str, command: str, role: str, mode: str, reason: str | None) -> None:
-        lead = self.engine.get(cid).lead
-        department = {"lead": lead, "other": "judicial", "none": None}[mode]
+    @rule(cid=cases, data=st.data(), steps=st.integers(1, 6))
+    def act(self, cid: str, data: st.DataObject, steps: int) -> None:
+        """A few commands in a row on one case (so cases travel far)."""
+        for _ in range(steps):
+            self._act_once(cid, data)
+
+    def _act_once(self, cid: str, data: st.DataObject) -> None:
+        """Mostly a trigger the graph allows now by a role allowed to fire it, sometimes
+        anything by anyone (to exercise refusals)."""
+        view = self.engine.get(cid)
+        graph = self.engine.workflow().graph
+        allowed = [_command_of(t) for t in self.engine.workflow().allowed_triggers(view.state)]
+        allowed = [c for c in allowed if c is not None]
+        if allowed and data.draw(st.integers(0, 9), label="bias") < 8:
+            command = data.draw(st.sampled_from(allowed), label="command")
+            roles = graph.roles_for(_trigger_of(command, view.data))
+            role = data.draw(st.sampled_from(roles), label="role")
+            mode = data.draw(st.sampled_from(["lead"] * 4 + list(DEPARTMENT_MODES)), label="dept")
+            reason = data.draw(st.sampled_from(["a reason"] * 4 + [None, ""]), label="reason")
+        else:
+            command = data.draw(st.sampled_from(sorted(COMMANDS)), label="command")
+            role = data.draw(st.sampled_from(ROLES), label="role")
+            mode = data.draw(st.sampled_from(DEPARTMENT_MODES), label="dept")
+            reason = data.draw(st.sampled_from([None, "", "a reason"]), label="reason")
+        department = {"lead": view.lead, "other": "judicial", "none": None}[mode]
         actor = Actor(f"{role}-1", role, department=department)
         before = self._snapshot(cid)
         try:
@@ -113,6 +147,8 @@ class EngineMachine(RuleBasedStateMachine):
         except GridflowRuntimeError:
             self.refused += 1
             assert self._snapshot(cid) == before, f"refused {command} changed the case"
+        else:
+            self.done[command] = self.done.get(command, 0) + 1
 
     @rule(minutes=st.integers(0, 3 * 24 * 60))
     def advance(self, minutes: int) -> None:

@@ -68,7 +68,8 @@ def test_tianjin_elderly_certificate(gridflow_engine: Engine, gridflow_clock: Ma
 def test_hangzhou_slot_machine_in_grid_four(
     gridflow_engine: Engine, gridflow_clock: ManualClock
 ) -> None:
-    """Seed 001: "第四网格有个老虎机，需立即整治" — reported in the grid's chat, rectified at once."""
+    """Seed 001: "第四网格有个老虎机，需立即整治" — reported in the grid chat, rectified
+    at once."""
     engine, clock = gridflow_engine, gridflow_clock
     worker = Actor("gw-dongfang-4", "grid_worker", department="grid-worker", unit="dongfang-g4")
     view = engine.report(load_case("12-slot-machine"), worker)
@@ -103,7 +104,7 @@ def test_pinggu_missing_person_broadcast(
     assert view.due_at == clock.now() + timedelta(hours=2)  # wall-clock hours: an emergency
     with engine.store.transaction() as tx:
         messages = [m for m in tx.outbox_fetch(100) if m.case_id == view.id]
-    dispatch = [m for m in messages if m.type == "dispatch"][0]
+    dispatch = next(m for m in messages if m.type == "dispatch")
     assert len(dispatch.payload["payload"]["decision"]["notify"][0]["units"]) == 35
 
 

@@ -595,6 +595,20 @@ def test_outbox_fetch_keeps_case_order_across_publishers(
     assert [(m.case_id, m.seq) for m in got] == [("a", 1), ("a", 2), ("a", 3), ("b", 1)]
 
 
+def test_outbox_can_be_turned_off(store: Store, server_db: TestDatabase | None) -> None:
+    quiet = (
+        Store(server_db.engine, schema=server_db.schema, outbox=False)
+        if server_db is not None
+        else Store(store.engine, outbox=False)
+    )
+    create(quiet, new_case("replayed"))
+    with quiet.transaction() as tx:
+        rec = tx.require_case("replayed", for_update=True)
+        tx.append(rec, 1, [ev("file", 1)])
+        assert tx.outbox_fetch() == []
+        assert [e.seq for e in tx.history("replayed")] == [1, 2]
+
+
 # ------------------------------------------------------------------------ queries
 
 

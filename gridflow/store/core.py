@@ -486,7 +486,7 @@ def _new_id(result: sa.CursorResult[Any]) -> int:
 class StoreTx:
     """Operations inside one database transaction (obtained from :meth:`Store.transaction`)."""
 
-    __slots__ = ("_caps", "_conn", "_fast", "_raw", "_s", "_seen", "_t")
+    __slots__ = ("_caps", "_conn", "_fast", "_outbox", "_raw", "_s", "_seen", "_t")
 
     def __init__(
         self,
@@ -499,6 +499,7 @@ class StoreTx:
         self._s = store._stmts
         self._t = store.tables
         self._caps = caps
+        self._outbox = store.outbox
         self._fast: _SqliteFast | None = None
         self._raw: sqlite3.Connection | None = None
         if fast is not None:
@@ -925,6 +926,8 @@ class StoreTx:
                 zip(ids, events, payloads, times, strict=True), start=1
             )
         ]
+        if not self._outbox:
+            return records
         outbox = [
             {
                 "event_id": rec.id,
@@ -967,7 +970,8 @@ class Store:
       ``session.begin_nested()``; the host commits the session.
 
     Tables are ``<table_prefix>cases``, ``…events``, ``…timers``, ``…outbox``, in
-    ``schema`` when given (a PostgreSQL schema, a MariaDB database).
+    ``schema`` when given (a PostgreSQL schema, a MariaDB database). ``outbox=False`` skips
+    the outbox rows (replays, what-if runs).
     """
 
     def __init__(
@@ -976,7 +980,11 @@ class Store:
         *,
         table_prefix: str = "gf_",
         schema: str | None = None,
+        outbox: bool = True,
     ):
+        #: whether appended events are also written to the outbox (turn off for replays
+        #: and what-if runs that publish nothing; saves one insert per event)
+        self.outbox = outbox
         self._owns_engine = False
         self._connection: Connection | None = None
         self._session: Session | None = None
@@ -1014,10 +1022,13 @@ class Store:
         *,
         table_prefix: str = "gf_",
         schema: str | None = None,
+        outbox: bool = True,
         **engine_kw: Any,
     ) -> Store:
         """A store owning a new engine for ``url`` (``engine_kw`` go to ``create_engine``)."""
-        store = cls(make_engine(url, **engine_kw), table_prefix=table_prefix, schema=schema)
+        store = cls(
+            make_engine(url, **engine_kw), table_prefix=table_prefix, schema=schema, outbox=outbox
+        )
         store._owns_engine = True
         return store
 
