@@ -82,7 +82,8 @@ class AnyOf:
 
 Cond = Predicate | AllOf | AnyOf
 
-Report = Callable[[tuple[str | int, ...], str, "str | None"], None]
+Report = Callable[[tuple[str | int, ...], str, "str | None", bool], None]
+"""report(path, message, suggestion, at_key) — at_key: point at the mapping key itself."""
 
 _EQUALITY: tuple[Op, ...] = ("eq", "ne", "in", "not_in")
 _ORDER: tuple[Op, ...] = ("lt", "lte", "gt", "gte")
@@ -119,7 +120,11 @@ def _alias(op: str) -> tuple[str | int, ...]:
 class _Lowerer:
     def __init__(self, ctx: LowerContext, report: Report):
         self.ctx = ctx
-        self.report = report
+        self._report = report
+
+    def report(self, path: tuple[str | int, ...], message: str, suggestion: str | None,
+               at_key: bool = False) -> None:
+        self._report(path, message, suggestion, at_key)
 
     def field(
         self,
@@ -225,7 +230,8 @@ class _Lowerer:
             for level, units in when.location.items():
                 lpath = (*path, "location", level)
                 if level not in ctx.levels:
-                    self.report(lpath, f"unknown level '{level}'", suggest(level, ctx.levels))
+                    self.report(lpath, f"unknown level '{level}'", suggest(level, ctx.levels),
+                                True)
                     continue
                 idx = list(ctx.levels).index(level)
                 add(self.field(lpath, level_field(idx), f"location.{level}", units,
@@ -279,7 +285,7 @@ class _Lowerer:
         kind = self.ctx.attributes.get(name)
         if kind is None:
             self.report(path, f"unknown attribute '{name}' (declare it under 'attributes')",
-                        suggest(name, self.ctx.attributes))
+                        suggest(name, self.ctx.attributes), True)
             return None
         allowed: tuple[str, ...]
         if kind == "string":

@@ -235,7 +235,15 @@ def _salvage(located: Located) -> tuple[PolicyFile, list[Problem]]:
                 located, ValidationError.from_exception_data(
                     "PolicyFile", [{"type": "extra_forbidden", "loc": (key,), "input": value}]))
             continue
-        if key in _ITEM_MODELS and isinstance(value, list):
+        if key == "categories" and isinstance(value, list):
+            fields[key] = [_salvage_tree(Category, item, located, (key, i), problems)
+                           for i, item in enumerate(value)]
+        elif key == "organisation" and isinstance(value, dict):
+            fields[key] = _salvage_organisation(located, value, problems)
+        elif key == "departments" and isinstance(value, list):
+            fields[key] = [_validate(Department, item, located, (key, i), problems)
+                           or _placeholder_department(item) for i, item in enumerate(value)]
+        elif key in _ITEM_MODELS and isinstance(value, list):
             fields[key] = [_validate(_ITEM_MODELS[key], item, located, (key, i), problems)
                            for i, item in enumerate(value)]
         elif key == "routing" and isinstance(value, dict):
@@ -245,6 +253,53 @@ def _salvage(located: Located) -> tuple[PolicyFile, list[Problem]]:
             if part is not None:
                 fields[key] = getattr(part, key)
     return PolicyFile.model_construct(**fields), problems
+
+
+def _salvage_tree(model: type[Category] | type[Unit], value: Any, located: Located, path: YPath,
+                  problems: list[Problem]) -> Any:
+    """Validate a node without its children, then each child: one bad leaf keeps its siblings."""
+    if not isinstance(value, dict) or not isinstance(value.get("children", []), list):
+        return _validate(model, value, located, path, problems)
+    node = _validate(model, {**value, "children": []}, located, path, problems)
+    children = [_salvage_tree(model, c, located, (*path, "children", i), problems)
+                for i, c in enumerate(value.get("children", []))]
+    kept = [c for c in children if c is not None]
+    if node is None:  # keep a readable id known, so its uses are not reported again
+        ident = value.get("code" if model is Category else "id")
+        if not isinstance(ident, str):
+            return None
+        fields = {name: None for name in model.model_fields}
+        fields.update({k: v for k, v in value.items() if k in model.model_fields
+                       and isinstance(v, str)})
+        fields["children"] = kept
+        fields["name"] = str(value.get("name", ident))
+        return model.model_construct(**fields)
+    return node.model_copy(update={"children": kept})
+
+
+def _salvage_organisation(located: Located, value: dict[str, Any],
+                          problems: list[Problem]) -> Organisation | None:
+    units = value.get("units", [])
+    if not isinstance(units, list):
+        return _validate(Organisation, value, located, ("organisation",), problems)
+    head = _validate(Organisation, {**value, "units": []}, located, ("organisation",), problems)
+    salvaged = [_salvage_tree(Unit, u, located, ("organisation", "units", i), problems)
+                for i, u in enumerate(units)]
+    if head is None:
+        return None
+    return head.model_copy(update={"units": [u for u in salvaged if u is not None]})
+
+
+_BROKEN = "\0invalid"  # marks a placeholder built from an invalid definition
+
+
+def _placeholder_department(raw: Any) -> Department | None:
+    """An invalid department whose id is readable still counts as known (no cascades)."""
+    if isinstance(raw, dict) and isinstance(raw.get("id"), str):
+        tier = raw.get("tier") if isinstance(raw.get("tier"), str) else None
+        return Department.model_construct(id=raw["id"], name=str(raw.get("name", raw["id"])),
+                                          name_en=_BROKEN, tier=tier or "", unit=None, pools=[])
+    return None
 
 
 def _salvage_routing(located: Located, value: dict[str, Any], problems: list[Problem]) -> Routing:
@@ -288,8 +343,8 @@ def read_sources(root: str | os.PathLike[str], limits: Limits | None = None) -> 
         digest.update(rel.encode() + b"\0" + raw + b"\0")
         located, found = read_yaml(display, raw, limits)
         problems += found
-        if found:
-            continue
+        if located.data is None or any(not p.message.startswith("duplicate key") for p in found):
+            continue  # nothing trustworthy in this file (a duplicate key keeps the first value)
         if located.data is None or located.data == {}:
             continue
         if not isinstance(located.data, dict):
@@ -399,6 +454,9 @@ class _Builder:
                 if d.id in departments:
                     self.err(located, (*path, "id"), f"duplicate department id '{d.id}'")
                     continue
+                if d.name_en == _BROKEN:  # already reported; known so its uses stay quiet
+                    departments[d.id] = DepartmentInfo(d.id, d.name, d.tier, None, (), _BROKEN)
+                    continue
                 if d.tier not in tiers:
                     self.err(located, (*path, "tier"), f"unknown tier '{d.tier}'",
                              suggestion=suggest(d.tier, tiers))
@@ -476,18 +534,40 @@ class _Builder:
                 return None
         years = []
         for year, ys in sorted(spec.years.items()):
+            ypath: YPath = ("calendar", "years", str(year))
             holidays: dict[date, str] = {}
-            for span in ys.holidays:
+            bad = False
+            for i, span in enumerate(ys.holidays):
                 end = span.end or span.start
+                if span.start.year != year or end.year != year or end < span.start:
+                    bad = True
+                    self.err(typing.cast(Located, located), (*ypath, "holidays", i),
+                             f"holiday span {span.start}..{end} must lie inside {year} "
+                             "and end after it starts")
+                    continue
                 day = span.start
                 while day <= end:
                     holidays[day] = span.name
                     day += timedelta(days=1)
+            for i, day in enumerate(ys.workdays):
+                problem = None
+                if day.year != year:
+                    problem = f"make-up workday {day} belongs to year {day.year}, not {year}"
+                elif day.isoweekday() < 6:
+                    problem = (f"make-up workday {day} is a weekday ({day.strftime('%A')}); "
+                               "make-up workdays (调休) fall on weekends")
+                elif day in holidays:
+                    problem = f"{day} is listed both as a holiday and as a make-up workday"
+                if problem:
+                    bad = True
+                    self.err(typing.cast(Located, located), (*ypath, "workdays", i), problem)
+            if bad:
+                continue
             try:
                 years.append(CalendarYear(year, holidays, frozenset(ys.workdays)))
             except ValueError as exc:
                 if located:
-                    self.err(located, ("calendar", "years", str(year)), str(exc))
+                    self.err(located, ypath, str(exc))
         try:
             cal = BusinessCalendar(timezone=reg.timezone, working_periods=periods,
                                    years=years, closures=spec.closures)
@@ -525,7 +605,8 @@ class _Builder:
         if o.tier is not None and o.tier not in reg.tiers:
             self.err(located, (*path, "tier"), f"unknown tier '{o.tier}'",
                      suggestion=suggest(o.tier, reg.tiers))
-        if o.pool is not None and o.lead in reg.departments:
+        if (o.pool is not None and o.lead in reg.departments
+                and reg.departments[o.lead].name_en != _BROKEN):
             pools = reg.departments[o.lead].pools
             if o.pool not in pools:
                 self.err(located, (*path, "pool"),
@@ -592,9 +673,9 @@ class _Builder:
                     rule_ids[rule.id] = where
                     self.outcome(reg, located, rule.then, (*rpath, "then"))
 
-                    def report(p: YPath, msg: str, hint: str | None, located: Located = located,
-                               ) -> None:
-                        self.err(located, p, msg, suggestion=hint)
+                    def report(p: YPath, msg: str, hint: str | None, at_key: bool,
+                               located: Located = located) -> None:
+                        self.err(located, p, msg, suggestion=hint, key=at_key)
 
                     before = len(self.problems)
                     cond = lower_when(rule.when, ctx, report, (*rpath, "when"))

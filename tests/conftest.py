@@ -14,6 +14,8 @@ Fixtures:
 * ``sqlite`` — a :class:`Store` on in-memory SQLite and on a WAL file in ``tmp_path``;
 * ``postgres`` / ``mysql`` — a :class:`Store` on the session's schema/database;
 * ``store`` — parametrized over all four (``store_backend`` names the current one);
+* ``concurrent_store`` — file SQLite, PostgreSQL, MariaDB (several connections at once);
+* ``server_store`` — PostgreSQL and MariaDB only;
 * ``postgres_db`` / ``mysql_db`` — the session's :class:`TestDatabase` (URL, schema, engine)
   for tests that need their own engines or processes.
 """
@@ -37,12 +39,13 @@ MYSQL_URL = os.environ.get(
 )
 REQUIRE_DBS = os.environ.get("GRIDFLOW_REQUIRE_DBS", "") not in ("", "0")
 
-BACKENDS = [
-    pytest.param("sqlite-memory", id="sqlite-memory"),
-    pytest.param("sqlite-file", id="sqlite-file"),
-    pytest.param("postgres", id="postgres", marks=pytest.mark.postgres),
-    pytest.param("mysql", id="mysql", marks=pytest.mark.mysql),
-]
+_MEMORY = pytest.param("sqlite-memory", id="sqlite-memory")
+_FILE = pytest.param("sqlite-file", id="sqlite-file")
+_PG = pytest.param("postgres", id="postgres", marks=pytest.mark.postgres)
+_MYSQL = pytest.param("mysql", id="mysql", marks=pytest.mark.mysql)
+BACKENDS = [_MEMORY, _FILE, _PG, _MYSQL]
+CONCURRENT_BACKENDS = [_FILE, _PG, _MYSQL]  # several connections at once
+SERVER_BACKENDS = [_PG, _MYSQL]  # row locks, SKIP LOCKED
 
 
 @dataclass(frozen=True)
@@ -152,6 +155,14 @@ def mysql(mysql_db: TestDatabase) -> Iterator[Store]:
     yield from _server_store(mysql_db)
 
 
+def _store_for(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    if backend.startswith("sqlite-"):
+        yield from _sqlite_store(backend.removeprefix("sqlite-"), tmp_path)
+    else:
+        db: TestDatabase = request.getfixturevalue(f"{backend}_db")
+        yield from _server_store(db)
+
+
 @pytest.fixture(params=BACKENDS)
 def store_backend(request: pytest.FixtureRequest) -> str:
     """The backend the parametrized ``store`` fixture runs on."""
@@ -162,11 +173,20 @@ def store_backend(request: pytest.FixtureRequest) -> str:
 def store(
     store_backend: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> Iterator[Store]:
-    if store_backend.startswith("sqlite-"):
-        yield from _sqlite_store(store_backend.removeprefix("sqlite-"), tmp_path)
-    else:
-        db: TestDatabase = request.getfixturevalue(f"{store_backend}_db")
-        yield from _server_store(db)
+    """A :class:`Store` on each backend in turn (empty tables)."""
+    yield from _store_for(store_backend, request, tmp_path)
+
+
+@pytest.fixture(params=CONCURRENT_BACKENDS)
+def concurrent_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """A :class:`Store` that several threads can use at once (file SQLite and servers)."""
+    yield from _store_for(str(request.param), request, tmp_path)
+
+
+@pytest.fixture(params=SERVER_BACKENDS)
+def server_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """A :class:`Store` on PostgreSQL and on MariaDB (row locks, ``SKIP LOCKED``)."""
+    yield from _store_for(str(request.param), request, tmp_path)
 
 
 @pytest.fixture

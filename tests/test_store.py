@@ -77,11 +77,6 @@ def run_threads(n: int, fn: Callable[[int], T]) -> list[T | BaseException]:
         return list(pool.map(guarded, range(n)))
 
 
-def needs_connections(backend: str) -> None:
-    if backend == "sqlite-memory":
-        pytest.skip("in-memory SQLite is one shared connection: no concurrent transactions")
-
-
 # ------------------------------------------------------------------------ round trip
 
 
@@ -283,8 +278,8 @@ def test_append_to_missing_case(store: Store) -> None:
     assert count(store, "events") == 0
 
 
-def test_concurrent_appends_exactly_one_wins(store: Store, store_backend: str) -> None:
-    needs_connections(store_backend)
+def test_concurrent_appends_exactly_one_wins(concurrent_store: Store) -> None:
+    store = concurrent_store
     create(store, new_case("c1"))
     workers = 4
     barrier = threading.Barrier(workers)
@@ -310,10 +305,10 @@ def test_concurrent_appends_exactly_one_wins(store: Store, store_backend: str) -
     assert count(store, "outbox", "c1") == 3
 
 
-def test_blocked_writer_sees_conflict_after_commit(store: Store, store_backend: str) -> None:
+def test_blocked_writer_sees_conflict_after_commit(concurrent_store: Store) -> None:
     """The second writer waits for the first (row lock, or SQLite's write lock) and then
     finds the version moved on."""
-    needs_connections(store_backend)
+    store = concurrent_store
     create(store, new_case("c1"))
     outcome: list[BaseException | None] = []
     started = threading.Event()
@@ -398,10 +393,8 @@ def test_duplicate_case_id_is_a_conflict(store: Store) -> None:
     assert count(store, "events", "dup") == 1
 
 
-def test_concurrent_intake_with_one_key_yields_one_case(
-    store: Store, store_backend: str
-) -> None:
-    needs_connections(store_backend)
+def test_concurrent_intake_with_one_key_yields_one_case(concurrent_store: Store) -> None:
+    store = concurrent_store
     workers = 4
     barrier = threading.Barrier(workers)
 
@@ -474,10 +467,8 @@ def test_claim_limit(store: Store) -> None:
     assert claimed == [f"k{i}" for i in range(7)]
 
 
-def test_timers_claimed_exactly_once_by_concurrent_workers(
-    store: Store, store_backend: str
-) -> None:
-    needs_connections(store_backend)
+def test_timers_claimed_exactly_once_by_concurrent_workers(concurrent_store: Store) -> None:
+    store = concurrent_store
     cases = [f"c{i}" for i in range(10)]
     for case_id in cases:
         create(store, new_case(case_id))
@@ -500,13 +491,10 @@ def test_timers_claimed_exactly_once_by_concurrent_workers(
     assert len(ids) == len(set(ids)) == 20
 
 
-def test_skip_locked_lets_workers_claim_side_by_side(
-    store: Store, store_backend: str
-) -> None:
+def test_skip_locked_lets_workers_claim_side_by_side(server_store: Store) -> None:
     """PostgreSQL/MariaDB: while one worker holds its claimed timers (uncommitted), another
-    claims different ones without waiting."""
-    if store_backend.startswith("sqlite"):
-        pytest.skip("SQLite serializes writers; covered by the exactly-once test")
+    claims different ones without waiting. (SQLite serializes writers instead.)"""
+    store = server_store
     create(store, new_case("a"))
     with store.transaction() as tx:
         tx.set_timers("a", [(f"k{i}", at(i)) for i in range(6)])
@@ -559,13 +547,11 @@ def test_outbox_in_order_and_ack(store: Store) -> None:
     assert count(store, "outbox") == 2
 
 
-def test_outbox_fetch_keeps_case_order_across_publishers(
-    store: Store, store_backend: str
-) -> None:
+def test_outbox_fetch_keeps_case_order_across_publishers(server_store: Store) -> None:
     """While one publisher holds case a's first messages, another gets none of case a's
-    later messages (they would overtake), but does get other cases'."""
-    if store_backend.startswith("sqlite"):
-        pytest.skip("SQLite serializes publishers")
+    later messages (they would overtake), but does get other cases'. (On SQLite publishers
+    are serialized.)"""
+    store = server_store
     create(store, new_case("a"), [ev("report", 0)])
     with store.transaction() as tx:
         tx.append(tx.require_case("a"), 1, [ev("file", 1), ev("dispatch", 2)])
