@@ -139,16 +139,17 @@ class _Predicates:
             return {"$and": [{"$neq": {f: x}} for x in v]}
         raise AssertionError(f"unknown op {op}")
 
-    def evaluate(self, fact: Mapping[str, Any], wanted: Sequence[int],
+    def evaluate(self, fact: Mapping[str, Any], wanted: Sequence[int], truth: dict[int, bool],
                  out: dict[str, Any]) -> None:
+        """Add ``p<k>: True`` for each wanted predicate that holds (absent means false)."""
         for k in wanted:
-            name = f"p{k}"
-            if name in out:
-                continue
-            field, test = self.tests[k]
-            value = fact.get(field)
-            if isinstance(value, str):  # a missing (or non-text) field leaves p<k> absent
-                out[name] = bool(test(value))
+            holds = truth.get(k)
+            if holds is None:
+                field, test = self.tests[k]
+                value = fact.get(field)
+                holds = truth[k] = isinstance(value, str) and bool(test(value))
+            if holds:
+                out[f"p{k}"] = True
 
 
 def category_scope(cond: Cond, codes: Sequence[str]) -> frozenset[str] | None:
@@ -210,6 +211,30 @@ class _Shard:
     predicates: tuple[int, ...] = ()
 
 
+MAX_PREDICATES_PER_RULESET = 150  # a message holds < 256 properties in the engine
+
+
+def _chunks(
+    indexes: Sequence[int],
+    compiled: Mapping[int, tuple[Any, set[int]]],
+    max_rules: int,
+) -> list[tuple[list[int], set[int]]]:
+    """Split a bucket into shards bounded by rule count and by distinct text predicates."""
+    out: list[tuple[list[int], set[int]]] = []
+    chunk: list[int] = []
+    preds: set[int] = set()
+    for i in indexes:
+        merged = preds | compiled[i][1]
+        if chunk and (len(chunk) >= max_rules or len(merged) > MAX_PREDICATES_PER_RULESET):
+            out.append((chunk, preds))
+            chunk, merged = [], set(compiled[i][1])
+        chunk.append(i)
+        preds = merged
+    if chunk:
+        out.append((chunk, preds))
+    return out
+
+
 def _drop_rulesets(handles: list[int]) -> None:
     with _LOCK:
         for handle in handles:
@@ -254,22 +279,22 @@ class CompiledRules:
                 else:
                     for g in sorted(groups):
                         buckets.setdefault(g, []).append(r_index)
+            compiled: dict[int, tuple[dict[str, Any], set[int]]] = {}
+            for indexes in buckets.values():
+                for i in indexes:
+                    if i not in compiled:
+                        used: set[int] = set()
+                        compiled[i] = (self._preds.to_json(table.rules[i].cond, used), used)
             per_group: dict[str, list[_Shard]] = {}
             for group, indexes in sorted(buckets.items()):
-                for start in range(0, len(indexes), max_rules_per_ruleset):
-                    chunk = indexes[start:start + max_rules_per_ruleset]
+                for chunk, preds in _chunks(indexes, compiled, max_rules_per_ruleset):
                     name = f"gf{self._serial}_t{t_index}_{len(definitions)}"
-                    used: set[int] = set()
                     definitions[name] = {
-                        f"r{i}": {
-                            "all": [{"m": {"$and": [
-                                {MARKER: 1}, self._preds.to_json(table.rules[i].cond, used)]}}],
-                            "pri": i,
-                        }
+                        f"r{i}": {"all": [{"m": {"$and": [{MARKER: 1}, compiled[i][0]]}}], "pri": i}
                         for i in chunk
                     }
                     per_group.setdefault(group, []).append(
-                        _Shard(name, chunk[0], len(chunk), tuple(sorted(used))))
+                        _Shard(name, chunk[0], len(chunk), tuple(sorted(preds))))
             self._shards.append(per_group)
         self._handles: dict[str, int] = {}
         with _LOCK:
@@ -315,7 +340,7 @@ class CompiledRules:
         """Rule indexes that fire, per table in table order (each list in rule order)."""
         group = self._groups.get(str(fact.get(CATEGORY)))
         out: list[list[int]] = []
-        message = dict(fact)
+        truth: dict[int, bool] = {}
         with _LOCK:
             for t_index, table in enumerate(self.tables):
                 shards = self._visit(t_index, group)
@@ -323,8 +348,9 @@ class CompiledRules:
                 for shard in shards:
                     if table.hit == "first" and found and min(found) < shard.first_index:
                         break
+                    message = dict(fact)
                     if shard.predicates:
-                        self._preds.evaluate(fact, shard.predicates, message)
+                        self._preds.evaluate(fact, shard.predicates, truth, message)
                     found.update(self._post(shard.name, message, as_fact=table.hit != "first"))
                 hits = sorted(found)
                 if table.hit == "first":
@@ -343,7 +369,7 @@ class CompiledRules:
     def _post(self, ruleset: str, fact: Mapping[str, Any], *, as_fact: bool) -> list[int]:
         """Indexes of the rules the engine fires for this message (events: at most one)."""
         handle = self._handles[ruleset]
-        message = dict(fact)  # the engine may keep facts: never hand it a dict we reuse
+        message = dict(fact)
         message["id"] = next(self._ids)
         message["sid"] = "0"
         message[MARKER] = 1
