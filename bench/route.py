@@ -15,9 +15,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from policygen import sample_cases, write_policy  # noqa: E402
+from policygen import sample_cases, write_policy
 
-from gridflow import load_policy  # noqa: E402
+from gridflow import load_policy
 
 N_CASES = 2000
 RAW_LIMIT = 512  # durable_rules hangs creating a ruleset above this
@@ -48,17 +48,29 @@ def raw_durable(rules: list[dict[str, Any]]) -> Any:
     host = Host()
     fired: list[str] = []
     definition = {}
+
     def action(lead: str) -> Any:
         def act(_c: Any) -> None:  # durable_rules treats two-argument actions as async
             fired.append(lead)
+
         return act
 
     for i, r in enumerate(rules):
         act = action(r["then"]["lead"])
         definition[r["id"]] = {
-            "all": [{"m": {"$and": [{"k": 1}, {"category": r["when"]["category"]},
-                                    {"$mt": {"description": f'.*{r["when"]["description"]}.*'}}]}}],
-            "pri": i, "run": act,
+            "all": [
+                {
+                    "m": {
+                        "$and": [
+                            {"k": 1},
+                            {"category": r["when"]["category"]},
+                            {"$mt": {"description": f".*{r['when']['description']}.*"}},
+                        ]
+                    }
+                }
+            ],
+            "pri": i,
+            "run": act,
         }
     name = f"raw{len(rules)}"
     host.set_rulesets({name: definition})
@@ -67,8 +79,16 @@ def raw_durable(rules: list[dict[str, Any]]) -> Any:
     def route(case: dict[str, Any]) -> str:
         fired.clear()
         try:
-            host.post(name, {"id": next(counter), "sid": "0", "k": 1, "category": case["category"],
-                             "description": case["description"]})
+            host.post(
+                name,
+                {
+                    "id": next(counter),
+                    "sid": "0",
+                    "k": 1,
+                    "category": case["category"],
+                    "description": case["description"],
+                },
+            )
         except engine.MessageNotHandledException:
             return "centre"
         return fired[0]
@@ -79,8 +99,9 @@ def raw_durable(rules: list[dict[str, Any]]) -> Any:
 def python_baseline(rules: list[dict[str, Any]]) -> Any:
     index: dict[str, list[tuple[str, str]]] = {}
     for r in rules:
-        index.setdefault(r["when"]["category"], []).append((r["when"]["description"],
-                                                            r["then"]["lead"]))
+        index.setdefault(r["when"]["category"], []).append(
+            (r["when"]["description"], r["then"]["lead"])
+        )
 
     def route(case: dict[str, Any]) -> str:
         for word, lead in index.get(case["category"], ()):
@@ -94,8 +115,10 @@ def python_baseline(rules: list[dict[str, Any]]) -> Any:
 def main() -> None:
     sizes = [int(a) for a in sys.argv[1:]] or [50, 500, 5000]
     print(f"routing benchmark, {N_CASES} cases per size (µs per case)")
-    header = f"{'rules':>6} {'load s':>7} {'rulesets':>8} | {'gridflow p50/p99':>17} | " \
-             f"{'raw durable p50/p99':>20} | {'python p50/p99':>15} | {'gf/raw':>6}"
+    header = (
+        f"{'rules':>6} {'load s':>7} {'rulesets':>8} | {'gridflow p50/p99':>17} | "
+        f"{'raw durable p50/p99':>20} | {'python p50/p99':>15} | {'gf/raw':>6}"
+    )
     print(header)
     print("-" * len(header))
     for n in sizes:
@@ -107,7 +130,7 @@ def main() -> None:
             cases = sample_cases(shape, N_CASES)
             for c in cases[:200]:
                 policy.route(c)  # warm-up
-            gf_t, gf_r = _time(lambda c: policy.route(c).lead, cases)
+            gf_t, gf_r = _time(lambda c, p=policy: p.route(c).lead, cases)
             py = python_baseline(shape["rules"])
             py_t, py_r = _time(py, cases)
             assert gf_r == py_r, "gridflow and the Python baseline disagree"
@@ -124,10 +147,14 @@ def main() -> None:
                 ratio = f"{_pcts(gf_t)[0] / r50:.2f}"
             g50, g99 = _pcts(gf_t)
             p50, p99 = _pcts(py_t)
-            print(f"{n:>6} {load_s:>7.2f} {policy.router.compiled.ruleset_count:>8} | "
-                  f"{g50:7.1f} /{g99:8.1f} | {raw_txt:>20} | {p50:6.1f} /{p99:6.1f} | {ratio:>6}")
-    print("targets: gridflow p50 <= 1.5x raw durable at 500 rules; at 5000 rules p50 <= 100 µs "
-          "and load <= 10 s")
+            print(
+                f"{n:>6} {load_s:>7.2f} {policy.router.compiled.ruleset_count:>8} | "
+                f"{g50:7.1f} /{g99:8.1f} | {raw_txt:>20} | {p50:6.1f} /{p99:6.1f} | {ratio:>6}"
+            )
+    print(
+        "targets: gridflow p50 <= 1.5x raw durable at 500 rules; at 5000 rules p50 <= 100 µs "
+        "and load <= 10 s"
+    )
 
 
 if __name__ == "__main__":

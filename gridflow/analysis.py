@@ -141,10 +141,11 @@ def _field_satisfiable(tests: Sequence[Predicate]) -> bool:
             cand = (float(t.value), t.op == "lte")
             if hi is None or cand[0] < hi[0] or (cand[0] == hi[0] and not cand[1]):
                 hi = cand
-    if lo is not None and hi is not None:
-        if lo[0] > hi[0] or (lo[0] == hi[0] and not (lo[1] and hi[1])):
-            return False
-    return True
+    return not (
+        lo is not None
+        and hi is not None
+        and (lo[0] > hi[0] or (lo[0] == hi[0] and not (lo[1] and hi[1])))
+    )
 
 
 def _term_satisfiable(term: Term) -> bool:

@@ -40,8 +40,9 @@ def _load(directory: str, report: Console = _out) -> Policy:
         for p in exc.problems:
             report.print(str(p), markup=False)
         n_err = len(exc.errors)
-        report.print(f"{n_err} error(s), {len(exc.problems) - n_err} warning(s) in {directory}",
-                     markup=False)
+        report.print(
+            f"{n_err} error(s), {len(exc.problems) - n_err} warning(s) in {directory}", markup=False
+        )
         sys.exit(1)
     for w in warnings:
         _err.print(str(w), markup=False)
@@ -141,8 +142,11 @@ def route(directory: str, case_file: str, explain: bool, as_json: bool) -> None:
             sys.exit(1)
     if as_json:
         payload = [_decision_json(d) for d in decisions]
-        click.echo(json.dumps(payload if isinstance(data, list) else payload[0],
-                              ensure_ascii=False, indent=2))
+        click.echo(
+            json.dumps(
+                payload if isinstance(data, list) else payload[0], ensure_ascii=False, indent=2
+            )
+        )
         return
     _decision_table(decisions, policy)
     if explain:
@@ -168,7 +172,8 @@ def _decision_table(decisions: list[Decision], policy: Policy) -> None:
             d.unit or "-",
             d.time_limit or "-",
             d.due_at.astimezone(policy.calendar.timezone).strftime("%m-%d %H:%M")
-            if d.due_at else "-",
+            if d.due_at
+            else "-",
             f"{d.rule} ({d.source})",
         )
     _out.print(table)
@@ -199,8 +204,9 @@ def diagram(directory: str | None, fmt: str) -> None:
 
 
 @main.command()
-@click.option("--dir", "directory", default="examples/wujin", show_default=True,
-              type=click.Path(exists=True))
+@click.option(
+    "--dir", "directory", default="examples/wujin", show_default=True, type=click.Path(exists=True)
+)
 def demo(directory: str) -> None:
     """Check the example district, run its rule tests and route its sample cases."""
     _out.rule(f"gridflow demo: {directory}")

@@ -31,6 +31,7 @@ ruleset would decide.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import json
@@ -139,8 +140,13 @@ class _Predicates:
             return {"$and": [{"$neq": {f: x}} for x in v]}
         raise AssertionError(f"unknown op {op}")
 
-    def evaluate(self, fact: Mapping[str, Any], wanted: Sequence[int], truth: dict[int, bool],
-                 out: dict[str, Any]) -> None:
+    def evaluate(
+        self,
+        fact: Mapping[str, Any],
+        wanted: Sequence[int],
+        truth: dict[int, bool],
+        out: dict[str, Any],
+    ) -> None:
         """Add ``p<k>: True`` for each wanted predicate that holds (absent means false)."""
         for k in wanted:
             holds = truth.get(k)
@@ -238,10 +244,8 @@ def _chunks(
 def _drop_rulesets(handles: list[int]) -> None:
     with _LOCK:
         for handle in handles:
-            try:
+            with contextlib.suppress(Exception):  # best effort at garbage collection
                 durable_rules_engine.delete_ruleset(handle)
-            except Exception:  # pragma: no cover - best effort at garbage collection
-                pass
 
 
 class CompiledRules:
@@ -271,7 +275,9 @@ class CompiledRules:
             buckets: dict[str, list[int]] = {}
             for r_index, rule in enumerate(table.rules):
                 scope = category_scope(rule.cond, codes)
-                groups = None if scope is None else {self._groups[c] for c in scope if c in self._groups}
+                groups = (
+                    None if scope is None else {self._groups[c] for c in scope if c in self._groups}
+                )
                 if groups is not None and not groups:
                     continue  # can never match a known category
                 if groups is None or len(groups) > fanout_limit:
@@ -294,14 +300,16 @@ class CompiledRules:
                         for i in chunk
                     }
                     per_group.setdefault(group, []).append(
-                        _Shard(name, chunk[0], len(chunk), tuple(sorted(preds))))
+                        _Shard(name, chunk[0], len(chunk), tuple(sorted(preds)))
+                    )
             self._shards.append(per_group)
         self._handles: dict[str, int] = {}
         with _LOCK:
             try:
                 for name, definition in definitions.items():
                     self._handles[name] = durable_rules_engine.create_ruleset(
-                        name, json.dumps(definition, ensure_ascii=False))
+                        name, json.dumps(definition, ensure_ascii=False)
+                    )
             except Exception as exc:
                 _drop_rulesets(list(self._handles.values()))
                 raise RuleTooComplex(self._culprits(), str(exc)) from exc
@@ -314,11 +322,17 @@ class CompiledRules:
         bad: list[tuple[int, int]] = []
         for t_index, table in enumerate(self.tables):
             for r_index, rule in enumerate(table.rules):
-                probe = {"r": {"all": [{"m": {"$and": [
-                    {MARKER: 1}, self._preds.to_json(rule.cond, set())]}}]}}
+                probe = {
+                    "r": {
+                        "all": [
+                            {"m": {"$and": [{MARKER: 1}, self._preds.to_json(rule.cond, set())]}}
+                        ]
+                    }
+                }
                 try:
                     handle = durable_rules_engine.create_ruleset(
-                        f"gfprobe{next(_SERIAL)}", json.dumps(probe, ensure_ascii=False))
+                        f"gfprobe{next(_SERIAL)}", json.dumps(probe, ensure_ascii=False)
+                    )
                 except Exception:
                     bad.append((t_index, r_index))
                 else:
@@ -376,8 +390,9 @@ class CompiledRules:
         text = json.dumps(message, ensure_ascii=False)
         fired: list[int] = []
         try:
-            status, state = (durable_rules_engine.assert_fact if as_fact
-                             else durable_rules_engine.assert_event)(handle, text)
+            status, state = (
+                durable_rules_engine.assert_fact if as_fact else durable_rules_engine.assert_event
+            )(handle, text)
             if status == 0:
                 action = durable_rules_engine.start_action_for_state(handle, state)
                 while action:

@@ -32,9 +32,7 @@ __all__ = [
     "tests_of",
 ]
 
-Op = Literal[
-    "eq", "ne", "in", "not_in", "lt", "lte", "gt", "gte", "prefix", "contains", "regex"
-]
+Op = Literal["eq", "ne", "in", "not_in", "lt", "lte", "gt", "gte", "prefix", "contains", "regex"]
 
 CATEGORY = "category"
 DESCRIPTION = "description"
@@ -105,8 +103,20 @@ class LowerContext:
 
 def _match_ops(m: Match) -> list[tuple[str, Any]]:
     out: list[tuple[str, Any]] = []
-    for name in ("eq", "ne", "in_", "not_in", "lt", "lte", "gt", "gte", "prefix",
-                 "contains", "contains_any", "regex"):
+    for name in (
+        "eq",
+        "ne",
+        "in_",
+        "not_in",
+        "lt",
+        "lte",
+        "gt",
+        "gte",
+        "prefix",
+        "contains",
+        "contains_any",
+        "regex",
+    ):
         value = getattr(m, name)
         if value is not None:
             out.append(("in" if name == "in_" else name, value))
@@ -122,8 +132,13 @@ class _Lowerer:
         self.ctx = ctx
         self._report = report
 
-    def report(self, path: tuple[str | int, ...], message: str, suggestion: str | None,
-               at_key: bool = False) -> None:
+    def report(
+        self,
+        path: tuple[str | int, ...],
+        message: str,
+        suggestion: str | None,
+        at_key: bool = False,
+    ) -> None:
         self._report(path, message, suggestion, at_key)
 
     def field(
@@ -156,8 +171,7 @@ class _Lowerer:
             if op not in allowed:
                 self.report(
                     where,
-                    f"operator '{op}' is not allowed on {label} "
-                    f"(allowed: {', '.join(allowed)})",
+                    f"operator '{op}' is not allowed on {label} (allowed: {', '.join(allowed)})",
                     suggest(op, allowed),
                 )
                 continue
@@ -181,10 +195,13 @@ class _Lowerer:
             items = list(value)
             return AnyOf(tuple(Predicate(fact_field, "contains", v, label) for v in items))
         if op == "prefix" and isinstance(value, list):
-            return AnyOf(tuple(
-                t for i, v in enumerate(value)
-                if (t := self._op((*where, i), fact_field, label, "prefix", v, check_value))
-            ))
+            return AnyOf(
+                tuple(
+                    t
+                    for i, v in enumerate(value)
+                    if (t := self._op((*where, i), fact_field, label, "prefix", v, check_value))
+                )
+            )
         if op in ("in", "not_in"):
             if not value:
                 self.report(where, f"empty list for {label}", None)
@@ -213,30 +230,68 @@ class _Lowerer:
 
         ctx = self.ctx
         if when.category is not None:
-            add(self.field((*path, "category"), CATEGORY, "category", when.category,
-                           ("eq", "ne", "in", "not_in", "prefix"), self._category_value))
+            add(
+                self.field(
+                    (*path, "category"),
+                    CATEGORY,
+                    "category",
+                    when.category,
+                    ("eq", "ne", "in", "not_in", "prefix"),
+                    self._category_value,
+                )
+            )
             self._check_prefixes(when.category, (*path, "category"))
         if when.description is not None:
-            add(self.field((*path, "description"), DESCRIPTION, "description",
-                           when.description, ("contains", "contains_any", "regex"),
-                           scalar_op="contains", list_op="contains_any"))  # type: ignore[arg-type]
+            add(
+                self.field(
+                    (*path, "description"),
+                    DESCRIPTION,
+                    "description",
+                    when.description,
+                    ("contains", "contains_any", "regex"),
+                    scalar_op="contains",
+                    list_op="contains_any",
+                )
+            )  # type: ignore[arg-type]
         if when.channel is not None:
-            add(self.field((*path, "channel"), CHANNEL, "channel", when.channel, _EQUALITY,
-                           self._known("channel", ctx.channels)))
+            add(
+                self.field(
+                    (*path, "channel"),
+                    CHANNEL,
+                    "channel",
+                    when.channel,
+                    _EQUALITY,
+                    self._known("channel", ctx.channels),
+                )
+            )
         if when.urgency is not None:
-            add(self.field((*path, "urgency"), URGENCY, "urgency", when.urgency, _EQUALITY,
-                           self._known("urgency", frozenset({"normal", "urgent", "emergency"}))))
+            add(
+                self.field(
+                    (*path, "urgency"),
+                    URGENCY,
+                    "urgency",
+                    when.urgency,
+                    _EQUALITY,
+                    self._known("urgency", frozenset({"normal", "urgent", "emergency"})),
+                )
+            )
         if when.location is not None:
             for level, units in when.location.items():
                 lpath = (*path, "location", level)
                 if level not in ctx.levels:
-                    self.report(lpath, f"unknown level '{level}'", suggest(level, ctx.levels),
-                                True)
+                    self.report(lpath, f"unknown level '{level}'", suggest(level, ctx.levels), True)
                     continue
                 idx = list(ctx.levels).index(level)
-                add(self.field(lpath, level_field(idx), f"location.{level}", units,
-                               ("eq", "in"), self._known(f"{level} unit",
-                                                         ctx.units_by_level.get(level, frozenset()))))
+                add(
+                    self.field(
+                        lpath,
+                        level_field(idx),
+                        f"location.{level}",
+                        units,
+                        ("eq", "in"),
+                        self._known(f"{level} unit", ctx.units_by_level.get(level, frozenset())),
+                    )
+                )
         if when.reported is not None:
             add(self.reported(when.reported, (*path, "reported")))
         if when.attributes is not None:
@@ -263,13 +318,20 @@ class _Lowerer:
             if value is None:
                 continue
 
-            def in_range(where: tuple[str | int, ...], v: Any, lo: int = lo, hi: int = hi,
-                         key: str = key) -> None:
+            def in_range(
+                where: tuple[str | int, ...], v: Any, lo: int = lo, hi: int = hi, key: str = key
+            ) -> None:
                 if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
                     self.report(where, f"reported.{key} must be an integer {lo}..{hi}", None)
 
-            c = self.field((*path, key), TIME_FIELDS[key], f"reported.{key}", value,
-                           (*_EQUALITY, *_ORDER), in_range)
+            c = self.field(
+                (*path, key),
+                TIME_FIELDS[key],
+                f"reported.{key}",
+                value,
+                (*_EQUALITY, *_ORDER),
+                in_range,
+            )
             if isinstance(value, Match):
                 for op in _ORDER:
                     bound = getattr(value, op)
@@ -284,8 +346,12 @@ class _Lowerer:
     def attribute(self, name: str, cond: Any, path: tuple[str | int, ...]) -> Cond | None:
         kind = self.ctx.attributes.get(name)
         if kind is None:
-            self.report(path, f"unknown attribute '{name}' (declare it under 'attributes')",
-                        suggest(name, self.ctx.attributes), True)
+            self.report(
+                path,
+                f"unknown attribute '{name}' (declare it under 'attributes')",
+                suggest(name, self.ctx.attributes),
+                True,
+            )
             return None
         allowed: tuple[str, ...]
         if kind == "string":
@@ -306,8 +372,11 @@ class _Lowerer:
             if not ok:
                 self.report(where, f"attribute '{name}' is {kind}; {v!r} is not", None)
             elif values is not None and v not in values:
-                self.report(where, f"{v!r} is not an allowed value of '{name}'",
-                            suggest(str(v), [str(x) for x in values]))
+                self.report(
+                    where,
+                    f"{v!r} is not an allowed value of '{name}'",
+                    suggest(str(v), [str(x) for x in values]),
+                )
 
         lowered = self.field(path, attr_field(name), f"attributes.{name}", cond, allowed, typed)
         if isinstance(cond, Match):
@@ -319,8 +388,9 @@ class _Lowerer:
 
     def _category_value(self, where: tuple[str | int, ...], value: Any) -> None:
         if not isinstance(value, str) or value not in self.ctx.categories:
-            self.report(where, f"unknown category '{value}'",
-                        suggest(str(value), self.ctx.categories))
+            self.report(
+                where, f"unknown category '{value}'", suggest(str(value), self.ctx.categories)
+            )
 
     def _check_prefixes(self, cond: Any, path: tuple[str | int, ...]) -> None:
         if not isinstance(cond, Match) or cond.prefix is None:
@@ -331,10 +401,13 @@ class _Lowerer:
                 where = (*path, "prefix", i) if isinstance(cond.prefix, list) else (*path, "prefix")
                 self.report(where, f"prefix '{p}' matches no category", None)
 
-    def _known(self, what: str, known: frozenset[str]) -> Callable[[tuple[str | int, ...], Any], None]:
+    def _known(
+        self, what: str, known: frozenset[str]
+    ) -> Callable[[tuple[str | int, ...], Any], None]:
         def check(where: tuple[str | int, ...], value: Any) -> None:
             if not isinstance(value, str) or value not in known:
                 self.report(where, f"unknown {what} '{value}'", suggest(str(value), known))
+
         return check
 
 

@@ -10,7 +10,7 @@ import hashlib
 import os
 import types
 import typing
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import date, time, timedelta
 from pathlib import Path
@@ -18,8 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from gridflow import analysis
-from gridflow import workflow
+from gridflow import analysis, workflow
 from gridflow.calendar import BusinessCalendar, CalendarYear, parse_duration
 from gridflow.compiler import (
     CompiledRules,
@@ -29,11 +28,11 @@ from gridflow.compiler import (
     category_scope,
     check_regex,
 )
-from gridflow.conditions import AllOf, Cond, LowerContext, lower_when
+from gridflow.conditions import LowerContext, lower_when
 from gridflow.errors import CaseValidationError, DefinitionError, Problem, suggest
-from gridflow.registry import DEFAULT_CHANNELS, CategoryInfo, DepartmentInfo, Registry, UnitInfo
-from gridflow.routing import RouteRule, Router, validate_case
 from gridflow.policy import Lifecycle
+from gridflow.registry import DEFAULT_CHANNELS, CategoryInfo, DepartmentInfo, Registry, UnitInfo
+from gridflow.routing import Router, RouteRule, validate_case
 from gridflow.schema import (
     AppealsSpec,
     AttributeDef,
@@ -111,7 +110,7 @@ def _model_at(model: type[BaseModel], path: YPath) -> type[BaseModel] | None:
             if fld is None:
                 return None
             current = fld.annotation
-        elif isinstance(part, int) or isinstance(part, str):
+        else:
             current = _element(current)
     unwrapped = _unwrap_model(current)
     return unwrapped if isinstance(unwrapped, type) and issubclass(unwrapped, BaseModel) else None
@@ -184,8 +183,9 @@ def _schema_problems(located: Located, exc: ValidationError, prefix: YPath = ())
             parent = _model_at(PolicyFile, p[:-1])
             hint = suggest(str(key), _model_keys(parent)) if parent else None
             allowed = f" (allowed: {', '.join(_model_keys(parent))})" if parent and not hint else ""
-            problems.append(located.problem(p, f"unknown key '{key}'{allowed}", key=True,
-                                            suggestion=hint))
+            problems.append(
+                located.problem(p, f"unknown key '{key}'{allowed}", key=True, suggestion=hint)
+            )
             continue
         missing = [e for e in errs if e["type"] == "missing"]
         if missing:
@@ -211,8 +211,9 @@ _ITEM_MODELS: dict[str, type[BaseModel]] = {
 }
 
 
-def _validate(model: type[BaseModel], value: Any, located: Located, path: YPath,
-              problems: list[Problem]) -> Any:
+def _validate(
+    model: type[BaseModel], value: Any, located: Located, path: YPath, problems: list[Problem]
+) -> Any:
     try:
         return model.model_validate(value)
     except ValidationError as exc:
@@ -232,20 +233,30 @@ def _salvage(located: Located) -> tuple[PolicyFile, list[Problem]]:
     for key, value in data.items():
         if key not in PolicyFile.model_fields:
             problems += _schema_problems(
-                located, ValidationError.from_exception_data(
-                    "PolicyFile", [{"type": "extra_forbidden", "loc": (key,), "input": value}]))
+                located,
+                ValidationError.from_exception_data(
+                    "PolicyFile", [{"type": "extra_forbidden", "loc": (key,), "input": value}]
+                ),
+            )
             continue
         if key == "categories" and isinstance(value, list):
-            fields[key] = [_salvage_tree(Category, item, located, (key, i), problems)
-                           for i, item in enumerate(value)]
+            fields[key] = [
+                _salvage_tree(Category, item, located, (key, i), problems)
+                for i, item in enumerate(value)
+            ]
         elif key == "organisation" and isinstance(value, dict):
             fields[key] = _salvage_organisation(located, value, problems)
         elif key == "departments" and isinstance(value, list):
-            fields[key] = [_validate(Department, item, located, (key, i), problems)
-                           or _placeholder_department(item) for i, item in enumerate(value)]
+            fields[key] = [
+                _validate(Department, item, located, (key, i), problems)
+                or _placeholder_department(item)
+                for i, item in enumerate(value)
+            ]
         elif key in _ITEM_MODELS and isinstance(value, list):
-            fields[key] = [_validate(_ITEM_MODELS[key], item, located, (key, i), problems)
-                           for i, item in enumerate(value)]
+            fields[key] = [
+                _validate(_ITEM_MODELS[key], item, located, (key, i), problems)
+                for i, item in enumerate(value)
+            ]
         elif key == "routing" and isinstance(value, dict):
             fields[key] = _salvage_routing(located, value, problems)
         else:
@@ -255,39 +266,54 @@ def _salvage(located: Located) -> tuple[PolicyFile, list[Problem]]:
     return PolicyFile.model_construct(**fields), problems
 
 
-def _salvage_tree(model: type[Category] | type[Unit], value: Any, located: Located, path: YPath,
-                  problems: list[Problem]) -> Any:
+def _salvage_tree(
+    model: type[Category] | type[Unit],
+    value: Any,
+    located: Located,
+    path: YPath,
+    problems: list[Problem],
+) -> Any:
     """Validate a node without its children, then each child: one bad leaf keeps its siblings."""
     if not isinstance(value, dict) or not isinstance(value.get("children", []), list):
         return _validate(model, value, located, path, problems)
     node = _validate(model, {**value, "children": []}, located, path, problems)
-    children = [_salvage_tree(model, c, located, (*path, "children", i), problems)
-                for i, c in enumerate(value.get("children", []))]
+    children = [
+        _salvage_tree(model, c, located, (*path, "children", i), problems)
+        for i, c in enumerate(value.get("children", []))
+    ]
     kept = [c for c in children if c is not None]
     if node is None:  # keep a readable id known, so its uses are not reported again
         ident = value.get("code" if model is Category else "id")
         if not isinstance(ident, str):
             return None
-        fields = {name: None for name in model.model_fields}
-        fields.update({k: v for k, v in value.items() if k in model.model_fields
-                       and isinstance(v, str)})
+        fields: dict[str, Any] = {name: None for name in model.model_fields}
+        fields.update(
+            {k: v for k, v in value.items() if k in model.model_fields and isinstance(v, str)}
+        )
         fields["children"] = kept
         fields["name"] = str(value.get("name", ident))
         return model.model_construct(**fields)
     return node.model_copy(update={"children": kept})
 
 
-def _salvage_organisation(located: Located, value: dict[str, Any],
-                          problems: list[Problem]) -> Organisation | None:
+def _salvage_organisation(
+    located: Located, value: dict[str, Any], problems: list[Problem]
+) -> Organisation | None:
     units = value.get("units", [])
     if not isinstance(units, list):
-        return _validate(Organisation, value, located, ("organisation",), problems)
+        whole: Organisation | None = _validate(
+            Organisation, value, located, ("organisation",), problems
+        )
+        return whole
     head = _validate(Organisation, {**value, "units": []}, located, ("organisation",), problems)
-    salvaged = [_salvage_tree(Unit, u, located, ("organisation", "units", i), problems)
-                for i, u in enumerate(units)]
+    salvaged = [
+        _salvage_tree(Unit, u, located, ("organisation", "units", i), problems)
+        for i, u in enumerate(units)
+    ]
     if head is None:
         return None
-    return head.model_copy(update={"units": [u for u in salvaged if u is not None]})
+    org: Organisation = head.model_copy(update={"units": [u for u in salvaged if u is not None]})
+    return org
 
 
 _BROKEN = "\0invalid"  # marks a placeholder built from an invalid definition
@@ -297,8 +323,14 @@ def _placeholder_department(raw: Any) -> Department | None:
     """An invalid department whose id is readable still counts as known (no cascades)."""
     if isinstance(raw, dict) and isinstance(raw.get("id"), str):
         tier = raw.get("tier") if isinstance(raw.get("tier"), str) else None
-        return Department.model_construct(id=raw["id"], name=str(raw.get("name", raw["id"])),
-                                          name_en=_BROKEN, tier=tier or "", unit=None, pools=[])
+        return Department.model_construct(
+            id=raw["id"],
+            name=str(raw.get("name", raw["id"])),
+            name_en=_BROKEN,
+            tier=tier or "",
+            unit=None,
+            pools=[],
+        )
     return None
 
 
@@ -316,12 +348,19 @@ def _salvage_routing(located: Located, value: dict[str, Any], problems: list[Pro
             tables.append(_validate(Table, raw, located, tpath, problems))
             continue
         head = _validate(Table, {**raw, "rules": []}, located, tpath, problems)
-        rules = [_validate(Rule, r, located, (*tpath, "rules", r_i), problems)
-                 for r_i, r in enumerate(raw.get("rules", []))]
-        tables.append(None if head is None else Table.model_construct(
-            id=head.id, description=head.description, hit=head.hit, rules=rules))
+        rules = [
+            _validate(Rule, r, located, (*tpath, "rules", r_i), problems)
+            for r_i, r in enumerate(raw.get("rules", []))
+        ]
+        tables.append(
+            None
+            if head is None
+            else Table.model_construct(
+                id=head.id, description=head.description, hit=head.hit, rules=rules
+            )
+        )
     default = routing.default if routing is not None else None
-    return Routing.model_construct(default=default, tables=tables)
+    return Routing.model_construct(default=default, tables=tables)  # type: ignore[arg-type]
 
 
 def read_sources(root: str | os.PathLike[str], limits: Limits | None = None) -> PolicySource:
@@ -371,10 +410,19 @@ class _Builder:
         self.singletons: dict[str, tuple[Located, Any]] = {}
         self.incomplete = bool(source.problems)
 
-    def err(self, located: Located, path: YPath, message: str, *, key: bool = False,
-            suggestion: str | None = None, severity: str = "error") -> None:
-        self.problems.append(located.problem(path, message, key=key, suggestion=suggestion,
-                                             severity=severity))
+    def err(
+        self,
+        located: Located,
+        path: YPath,
+        message: str,
+        *,
+        key: bool = False,
+        suggestion: str | None = None,
+        severity: str = "error",
+    ) -> None:
+        self.problems.append(
+            located.problem(path, message, key=key, suggestion=suggestion, severity=severity)
+        )
 
     def single(self, name: str, value: Any, located: Located, path: YPath) -> None:
         if value is None:
@@ -382,8 +430,7 @@ class _Builder:
         if name in self.singletons:
             other, _ = self.singletons[name]
             line, _col = other.where(path, key=True)
-            self.err(located, path, f"'{name}' is already defined in {other.path}:{line}",
-                     key=True)
+            self.err(located, path, f"'{name}' is already defined in {other.path}:{line}", key=True)
             return
         self.singletons[name] = (located, value)
 
@@ -397,15 +444,19 @@ class _Builder:
             for name in ("workflow", "supervision", "escalation", "appeals", "evaluation"):
                 self.single(name, getattr(model, name), located, (name,))
             if model.routing is not None:
-                self.single("routing.default", model.routing.default, located,
-                            ("routing", "default"))
+                self.single(
+                    "routing.default", model.routing.default, located, ("routing", "default")
+                )
         if "organisation" not in self.singletons:
             first = self.source.files[0][0] if self.source.files else None
             if first is not None:
                 self.err(first, (), "no 'organisation' section in any rule file")
             else:
-                self.problems.append(Problem(str(self.source.root), 1, 1,
-                                             "no 'organisation' section in any rule file"))
+                self.problems.append(
+                    Problem(
+                        str(self.source.root), 1, 1, "no 'organisation' section in any rule file"
+                    )
+                )
             return None
         org_loc, org = self.singletons["organisation"]
         org = typing.cast(Organisation, org)
@@ -419,21 +470,35 @@ class _Builder:
 
         def add_unit(u: Unit, path: YPath, parent: UnitInfo | None) -> None:
             if u.level not in levels:
-                self.err(org_loc, (*path, "level"), f"unknown level '{u.level}'",
-                         suggestion=suggest(u.level, levels))
+                self.err(
+                    org_loc,
+                    (*path, "level"),
+                    f"unknown level '{u.level}'",
+                    suggestion=suggest(u.level, levels),
+                )
                 return
             expected = 0 if parent is None else levels.index(parent.level) + 1
             if levels.index(u.level) != expected and parent is not None:
-                self.err(org_loc, (*path, "level"),
-                         f"unit '{u.id}' is a '{u.level}' inside '{parent.level}' "
-                         f"'{parent.id}'; expected level '{levels[expected] if expected < len(levels) else '-'}'")
+                self.err(
+                    org_loc,
+                    (*path, "level"),
+                    f"unit '{u.id}' is a '{u.level}' inside '{parent.level}' "
+                    f"'{parent.id}'; expected level "
+                    f"'{levels[expected] if expected < len(levels) else '-'}'",
+                )
             if u.id in units:
                 self.err(org_loc, (*path, "id"), f"duplicate unit id '{u.id}'")
                 return
             ancestry = dict(parent.ancestry) if parent else {}
             ancestry[u.level] = u.id
-            info = UnitInfo(u.id, u.name, u.level, parent.id if parent else None, ancestry,
-                            tuple(c.id for c in u.children))
+            info = UnitInfo(
+                u.id,
+                u.name,
+                u.level,
+                parent.id if parent else None,
+                ancestry,
+                tuple(c.id for c in u.children),
+            )
             units[u.id] = info
             for i, child in enumerate(u.children):
                 add_unit(child, (*path, "children", i), info)
@@ -458,28 +523,37 @@ class _Builder:
                     departments[d.id] = DepartmentInfo(d.id, d.name, d.tier, None, (), _BROKEN)
                     continue
                 if d.tier not in tiers:
-                    self.err(located, (*path, "tier"), f"unknown tier '{d.tier}'",
-                             suggestion=suggest(d.tier, tiers))
+                    self.err(
+                        located,
+                        (*path, "tier"),
+                        f"unknown tier '{d.tier}'",
+                        suggestion=suggest(d.tier, tiers),
+                    )
                 if d.unit is not None and d.unit not in units:
-                    self.err(located, (*path, "unit"), f"unknown unit '{d.unit}'",
-                             suggestion=suggest(d.unit, units))
+                    self.err(
+                        located,
+                        (*path, "unit"),
+                        f"unknown unit '{d.unit}'",
+                        suggestion=suggest(d.unit, units),
+                    )
                 pools = [p.id for p in d.pools]
                 if len(set(pools)) != len(pools):
                     self.err(located, (*path, "pools"), "duplicate pool ids")
-                departments[d.id] = DepartmentInfo(d.id, d.name, d.tier, d.unit, tuple(pools),
-                                                   d.name_en)
+                departments[d.id] = DepartmentInfo(
+                    d.id, d.name, d.tier, d.unit, tuple(pools), d.name_en
+                )
                 self.locations[("department", d.id)] = (located, path)
             for i, c in enumerate(model.categories or []):
                 if c is None:
                     continue
-                self._add_category(located, c, ("categories", i), None, None, "normal", None,
-                                   categories)
+                self._add_category(
+                    located, c, ("categories", i), None, None, "normal", None, categories
+                )
             for i, a in enumerate(model.attributes or []):
                 if a is None:
                     continue
                 if a.name in attributes:
-                    self.err(located, ("attributes", i, "name"),
-                             f"duplicate attribute '{a.name}'")
+                    self.err(located, ("attributes", i, "name"), f"duplicate attribute '{a.name}'")
                     continue
                 attributes[a.name] = a.type
                 attribute_values[a.name] = tuple(a.values) if a.values is not None else None
@@ -501,9 +575,17 @@ class _Builder:
             name=meta.name if meta else (org.name or self.source.root.name),
         )
 
-    def _add_category(self, located: Located, c: Category, path: YPath, parent: str | None,
-                      group: str | None, urgency: str, limit: Any,
-                      out: dict[str, CategoryInfo]) -> None:
+    def _add_category(
+        self,
+        located: Located,
+        c: Category,
+        path: YPath,
+        parent: str | None,
+        group: str | None,
+        urgency: str,
+        limit: Any,
+        out: dict[str, CategoryInfo],
+    ) -> None:
         if c.code in out:
             self.err(located, (*path, "code"), f"duplicate category code '{c.code}'")
             return
@@ -514,8 +596,9 @@ class _Builder:
         out[c.code] = CategoryInfo(c.code, c.name, parent, group or c.code, urgency, limit, c.kind)
         self.locations[("category", c.code)] = (located, path)
         for i, child in enumerate(c.children):
-            self._add_category(located, child, (*path, "children", i), c.code, group or c.code,
-                               urgency, limit, out)
+            self._add_category(
+                located, child, (*path, "children", i), c.code, group or c.code, urgency, limit, out
+            )
 
     # calendar ----------------------------------------------------------------------------
 
@@ -526,8 +609,9 @@ class _Builder:
         for i, text in enumerate(spec.working_hours):
             start_s, end_s = text.split("-")
             try:
-                periods.append((time.fromisoformat(start_s.zfill(5)),
-                                time.fromisoformat(end_s.zfill(5))))
+                periods.append(
+                    (time.fromisoformat(start_s.zfill(5)), time.fromisoformat(end_s.zfill(5)))
+                )
             except ValueError as exc:
                 if located:
                     self.err(located, ("calendar", "working_hours", i), f"bad time: {exc}")
@@ -541,9 +625,12 @@ class _Builder:
                 end = span.end or span.start
                 if span.start.year != year or end.year != year or end < span.start:
                     bad = True
-                    self.err(typing.cast(Located, located), (*ypath, "holidays", i),
-                             f"holiday span {span.start}..{end} must lie inside {year} "
-                             "and end after it starts")
+                    self.err(
+                        typing.cast(Located, located),
+                        (*ypath, "holidays", i),
+                        f"holiday span {span.start}..{end} must lie inside {year} "
+                        "and end after it starts",
+                    )
                     continue
                 day = span.start
                 while day <= end:
@@ -554,8 +641,10 @@ class _Builder:
                 if day.year != year:
                     problem = f"make-up workday {day} belongs to year {day.year}, not {year}"
                 elif day.isoweekday() < 6:
-                    problem = (f"make-up workday {day} is a weekday ({day.strftime('%A')}); "
-                               "make-up workdays (调休) fall on weekends")
+                    problem = (
+                        f"make-up workday {day} is a weekday ({day.strftime('%A')}); "
+                        "make-up workdays (调休) fall on weekends"
+                    )
                 elif day in holidays:
                     problem = f"{day} is listed both as a holiday and as a make-up workday"
                 if problem:
@@ -569,24 +658,30 @@ class _Builder:
                 if located:
                     self.err(located, ypath, str(exc))
         try:
-            cal = BusinessCalendar(timezone=reg.timezone, working_periods=periods,
-                                   years=years, closures=spec.closures)
+            cal = BusinessCalendar(
+                timezone=reg.timezone, working_periods=periods, years=years, closures=spec.closures
+            )
         except (ValueError, KeyError) as exc:
             if located:
                 self.err(located, ("calendar",), f"invalid calendar: {exc}")
             else:
-                self.problems.append(Problem(str(self.source.root), 1, 1,
-                                             f"invalid calendar: {exc}"))
+                self.problems.append(
+                    Problem(str(self.source.root), 1, 1, f"invalid calendar: {exc}")
+                )
             return None
         if self.today is not None:
             left = cal.days_until_uncovered(self.today)
             if left <= 60:
-                target, path = (located, ("calendar",)) if located else (
-                    self.source.files[0][0], ())
-                self.err(target, path,
-                         f"holiday data ends on {cal.last_covered_day} ({left} days from "
-                         f"{self.today}); add the next year under calendar.years",
-                         severity="warning")
+                target, path = (
+                    (located, ("calendar",)) if located else (self.source.files[0][0], ())
+                )
+                self.err(
+                    target,
+                    path,
+                    f"holiday data ends on {cal.last_covered_day} ({left} days from "
+                    f"{self.today}); add the next year under calendar.years",
+                    severity="warning",
+                )
         return cal
 
     # routing -----------------------------------------------------------------------------
@@ -594,8 +689,9 @@ class _Builder:
     def outcome(self, reg: Registry, located: Located, o: Outcome, path: YPath) -> None:
         def dept(d: str, p: YPath) -> None:
             if d not in reg.departments:
-                self.err(located, p, f"unknown department '{d}'",
-                         suggestion=suggest(d, reg.departments))
+                self.err(
+                    located, p, f"unknown department '{d}'", suggestion=suggest(d, reg.departments)
+                )
 
         dept(o.lead, (*path, "lead"))
         for i, d in enumerate(o.assist):
@@ -603,16 +699,26 @@ class _Builder:
         for i, d in enumerate(o.summon):
             dept(d, (*path, "summon", i))
         if o.tier is not None and o.tier not in reg.tiers:
-            self.err(located, (*path, "tier"), f"unknown tier '{o.tier}'",
-                     suggestion=suggest(o.tier, reg.tiers))
-        if (o.pool is not None and o.lead in reg.departments
-                and reg.departments[o.lead].name_en != _BROKEN):
+            self.err(
+                located,
+                (*path, "tier"),
+                f"unknown tier '{o.tier}'",
+                suggestion=suggest(o.tier, reg.tiers),
+            )
+        if (
+            o.pool is not None
+            and o.lead in reg.departments
+            and reg.departments[o.lead].name_en != _BROKEN
+        ):
             pools = reg.departments[o.lead].pools
             if o.pool not in pools:
-                self.err(located, (*path, "pool"),
-                         f"'{o.pool}' is not a pool of department '{o.lead}'"
-                         + (f" (pools: {', '.join(pools)})" if pools else " (it has no pools)"),
-                         suggestion=suggest(o.pool, pools))
+                self.err(
+                    located,
+                    (*path, "pool"),
+                    f"'{o.pool}' is not a pool of department '{o.lead}'"
+                    + (f" (pools: {', '.join(pools)})" if pools else " (it has no pools)"),
+                    suggestion=suggest(o.pool, pools),
+                )
         if isinstance(o.time_limit, dict) and "normal" not in o.time_limit:
             self.err(located, (*path, "time_limit"), "a time limit by urgency must give 'normal'")
         for i, n in enumerate(o.notify):
@@ -621,8 +727,12 @@ class _Builder:
                 self.err(located, npath, "notify needs 'broadcast' or 'department'")
             for key, value in (("broadcast", n.broadcast), ("within", n.within)):
                 if value is not None and value not in reg.levels:
-                    self.err(located, (*npath, key), f"unknown level '{value}'",
-                             suggestion=suggest(value, reg.levels))
+                    self.err(
+                        located,
+                        (*npath, key),
+                        f"unknown level '{value}'",
+                        suggestion=suggest(value, reg.levels),
+                    )
             if n.department is not None:
                 dept(n.department, (*npath, "department"))
 
@@ -653,8 +763,11 @@ class _Builder:
                     self.incomplete = True
                     continue
                 if table.id in table_ids:
-                    self.err(located, (*tpath, "id"),
-                             f"duplicate table id '{table.id}' (first in {table_ids[table.id]})")
+                    self.err(
+                        located,
+                        (*tpath, "id"),
+                        f"duplicate table id '{table.id}' (first in {table_ids[table.id]})",
+                    )
                 table_ids.setdefault(table.id, located.path)
                 t_specs: list[RuleSpec] = []
                 t_rules: list[RouteRule] = []
@@ -667,14 +780,22 @@ class _Builder:
                     line, _ = located.where(rpath)
                     where = f"{located.path}:{line}"
                     if rule.id in rule_ids:
-                        self.err(located, (*rpath, "id"),
-                                 f"duplicate rule id '{rule.id}' (first at {rule_ids[rule.id]})")
+                        self.err(
+                            located,
+                            (*rpath, "id"),
+                            f"duplicate rule id '{rule.id}' (first at {rule_ids[rule.id]})",
+                        )
                         continue
                     rule_ids[rule.id] = where
                     self.outcome(reg, located, rule.then, (*rpath, "then"))
 
-                    def report(p: YPath, msg: str, hint: str | None, at_key: bool,
-                               located: Located = located) -> None:
+                    def report(
+                        p: YPath,
+                        msg: str,
+                        hint: str | None,
+                        at_key: bool,
+                        located: Located = located,
+                    ) -> None:
                         self.err(located, p, msg, suggestion=hint, key=at_key)
 
                     before = len(self.problems)
@@ -693,8 +814,14 @@ class _Builder:
                 self.rule_locs.append(t_locs)
         return specs, rules
 
-    def _check_table(self, table_id: str, hit: str, rules: list[RouteRule],
-                     locs: list[tuple[Located, YPath]], codes: list[str]) -> None:
+    def _check_table(
+        self,
+        table_id: str,
+        hit: str,
+        rules: list[RouteRule],
+        locs: list[tuple[Located, YPath]],
+        codes: list[str],
+    ) -> None:
         """Shadowing (``first``) and overlap (``unique``), only between rules whose
         category scopes intersect — so a 5,000-rule table stays affordable."""
         if hit == "collect":
@@ -714,17 +841,25 @@ class _Builder:
                 earlier = rules[i]
                 if hit == "first" and analysis.shadows(earlier.cond, later.cond):
                     located, path = locs[j]
-                    self.err(located, (*path, "id"),
-                             f"rule '{later.rule_id}' can never fire: rule '{earlier.rule_id}' "
-                             f"({earlier.source}) matches every case it matches (hit policy "
-                             "'first')", severity=self.lint_severity)
+                    self.err(
+                        located,
+                        (*path, "id"),
+                        f"rule '{later.rule_id}' can never fire: rule '{earlier.rule_id}' "
+                        f"({earlier.source}) matches every case it matches (hit policy "
+                        "'first')",
+                        severity=self.lint_severity,
+                    )
                     break
                 if hit == "unique" and analysis.may_overlap(earlier.cond, later.cond):
                     located, path = locs[j]
-                    self.err(located, (*path, "id"),
-                             f"rules '{earlier.rule_id}' ({earlier.source}) and "
-                             f"'{later.rule_id}' can both match the same case under hit "
-                             f"policy 'unique' in table '{table_id}'", severity=self.lint_severity)
+                    self.err(
+                        located,
+                        (*path, "id"),
+                        f"rules '{earlier.rule_id}' ({earlier.source}) and "
+                        f"'{later.rule_id}' can both match the same case under hit "
+                        f"policy 'unique' in table '{table_id}'",
+                        severity=self.lint_severity,
+                    )
             if scope is None:
                 wild.append(j)
             else:
@@ -745,9 +880,12 @@ class _Builder:
         for code in codes:
             if code not in covered:
                 located, path = self.locations[("category", code)]
-                self.err(located, (*path, "code"),
-                         f"category '{code}' has no route and the policy declares no default "
-                         "route (routing.default)")
+                self.err(
+                    located,
+                    (*path, "code"),
+                    f"category '{code}' has no route and the policy declares no default "
+                    "route (routing.default)",
+                )
 
     # life cycle --------------------------------------------------------------------------
 
@@ -766,29 +904,46 @@ class _Builder:
                 graph = workflow.with_overrides(graph, spec.roles, locate=locate)
             except DefinitionError as exc:
                 self.problems += exc.problems
-        sup = typing.cast(SupervisionSpec, self.singletons.get("supervision", (None, SupervisionSpec()))[1])
+        sup = typing.cast(
+            SupervisionSpec, self.singletons.get("supervision", (None, SupervisionSpec()))[1]
+        )
         esc_loc, esc = self.singletons.get("escalation", (None, EscalationSpec()))
         esc = typing.cast(EscalationSpec, esc)
-        path = dict(esc.path) if esc.path is not None else {
-            reg.tiers[i]: reg.tiers[i + 1] for i in range(len(reg.tiers) - 1)}
+        path = (
+            dict(esc.path)
+            if esc.path is not None
+            else {reg.tiers[i]: reg.tiers[i + 1] for i in range(len(reg.tiers) - 1)}
+        )
         if esc_loc is not None:
             for key, tiers in (("on_overdue", esc.on_overdue), ("summon_at", esc.summon_at)):
                 for i, t in enumerate(tiers):
                     if t not in reg.tiers:
-                        self.err(esc_loc, ("escalation", key, i), f"unknown tier '{t}'",
-                                 suggestion=suggest(t, reg.tiers))
+                        self.err(
+                            esc_loc,
+                            ("escalation", key, i),
+                            f"unknown tier '{t}'",
+                            suggestion=suggest(t, reg.tiers),
+                        )
             for low, high in (esc.path or {}).items():
                 for key, t in (("key", low), ("value", high)):
                     if t not in reg.tiers:
-                        self.err(esc_loc, ("escalation", "path", low), f"unknown tier '{t}'",
-                                 key=key == "key", suggestion=suggest(t, reg.tiers))
+                        self.err(
+                            esc_loc,
+                            ("escalation", "path", low),
+                            f"unknown tier '{t}'",
+                            key=key == "key",
+                            suggestion=suggest(t, reg.tiers),
+                        )
             for start in path:
                 seen = [start]
                 nxt = path.get(start)
                 while nxt is not None:
                     if nxt in seen:
-                        self.err(esc_loc, ("escalation", "path", start),
-                                 "escalation path has a cycle: " + " → ".join([*seen, nxt]))
+                        self.err(
+                            esc_loc,
+                            ("escalation", "path", start),
+                            "escalation path has a cycle: " + " → ".join([*seen, nxt]),
+                        )
                         break
                     seen.append(nxt)
                     nxt = path.get(nxt)
@@ -796,8 +951,9 @@ class _Builder:
                     continue
                 break
         appeals = typing.cast(AppealsSpec, self.singletons.get("appeals", (None, AppealsSpec()))[1])
-        evaluation = typing.cast(EvaluationSpec,
-                                 self.singletons.get("evaluation", (None, EvaluationSpec()))[1])
+        evaluation = typing.cast(
+            EvaluationSpec, self.singletons.get("evaluation", (None, EvaluationSpec()))[1]
+        )
         return Lifecycle(
             graph=graph,
             warn_at=sup.warn_at,
@@ -829,8 +985,11 @@ class _Builder:
                 except CaseValidationError as exc:
                     for fe in exc.errors:
                         parts = tuple(fe.field.split(".")) if fe.field != "case" else ()
-                        self.err(located, (*path, "case", *parts),
-                                 f"test '{t.name}': {fe.field}: {fe.message}")
+                        self.err(
+                            located,
+                            (*path, "case", *parts),
+                            f"test '{t.name}': {fe.field}: {fe.message}",
+                        )
                     continue
                 self._check_expect(reg, located, t, path)
                 out.append(LoadedTest(t.name, f"{located.path}:{line}", case, t.expect))
@@ -840,11 +999,19 @@ class _Builder:
         e = t.expect
         for key, value in (("lead", e.lead),):
             if value is not None and value not in reg.departments:
-                self.err(located, (*path, "expect", key), f"unknown department '{value}'",
-                         suggestion=suggest(value, reg.departments))
+                self.err(
+                    located,
+                    (*path, "expect", key),
+                    f"unknown department '{value}'",
+                    suggestion=suggest(value, reg.departments),
+                )
         if e.tier is not None and e.tier not in reg.tiers:
-            self.err(located, (*path, "expect", "tier"), f"unknown tier '{e.tier}'",
-                     suggestion=suggest(e.tier, reg.tiers))
+            self.err(
+                located,
+                (*path, "expect", "tier"),
+                f"unknown tier '{e.tier}'",
+                suggestion=suggest(e.tier, reg.tiers),
+            )
 
 
 def load_policy(
@@ -875,7 +1042,7 @@ def load_policy(
     tests = builder.tests(reg)
     lifecycle = builder.lifecycle(reg)
     errors = [p for p in builder.problems if p.severity == "error"]
-    if errors or cal is None:
+    if errors or cal is None or lifecycle is None:
         raise DefinitionError(builder.problems)
     warnings = [p for p in builder.problems if p.severity != "error"]
     if on_warning:
@@ -898,16 +1065,29 @@ def load_policy(
         problems = []
         for t_index, r_index in exc.culprits:
             located, path = builder.rule_locs[t_index][r_index]
-            problems.append(located.problem(
-                path, f"rule '{specs[t_index].rules[r_index].rule_id}' is too complex for the "
-                f"rules engine ({exc.detail}); split it into simpler rules or fewer 'any' "
-                "branches"))
+            problems.append(
+                located.problem(
+                    path,
+                    f"rule '{specs[t_index].rules[r_index].rule_id}' is too complex for the "
+                    f"rules engine ({exc.detail}); split it into simpler rules or fewer 'any' "
+                    "branches",
+                )
+            )
         raise DefinitionError(problems or [Problem(str(source.root), 1, 1, str(exc))]) from exc
     except Exception as exc:  # the engine rejected something our checks let through
-        raise DefinitionError([Problem(str(source.root), 1, 1,
-                                       f"rules engine refused the policy: {exc}")]) from exc
-    router = Router(reg, cal, compiled, rules, default, default_source,
-                    meta.default_time_limit if meta else None, source.version)
+        raise DefinitionError(
+            [Problem(str(source.root), 1, 1, f"rules engine refused the policy: {exc}")]
+        ) from exc
+    router = Router(
+        reg,
+        cal,
+        compiled,
+        rules,
+        default,
+        default_source,
+        meta.default_time_limit if meta else None,
+        source.version,
+    )
     return Policy(
         root=source.root,
         version=source.version,

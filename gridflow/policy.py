@@ -40,11 +40,13 @@ class Lifecycle:
     escalate_after_returns: int = 2
     escalate_after_rework: int = 2
     summon_at: frozenset[str] = frozenset({"street"})
-    appeal_windows: Mapping[str, Duration] = field(default_factory=lambda: {
-        "routing": parse_duration("2wd"),
-        "score": parse_duration("5wd"),
-        "resident": parse_duration("7d"),
-    })
+    appeal_windows: Mapping[str, Duration] = field(
+        default_factory=lambda: {
+            "routing": parse_duration("2wd"),
+            "score": parse_duration("5wd"),
+            "resident": parse_duration("7d"),
+        }
+    )
     reopen_window: Duration = field(default_factory=lambda: parse_duration("7d"))
 
     def tier_above(self, tier: str) -> str | None:
@@ -88,7 +90,9 @@ class Policy:
                 failures.append(f"routing raised {type(exc).__name__}: {exc}")
             if decision is not None:
                 failures += _compare(t.expect, decision)
-            results.append(RuleTestResult(t.name, t.source, not failures, tuple(failures), decision))
+            results.append(
+                RuleTestResult(t.name, t.source, not failures, tuple(failures), decision)
+            )
         return results
 
 

@@ -69,7 +69,9 @@ class Registry:
     def descendants_at(self, unit_id: str, level: str) -> tuple[str, ...]:
         """Units at ``level`` inside ``unit_id`` (document order)."""
         return tuple(
-            u for u in self.units_at(level) if self.units[u].ancestry.get(self.units[unit_id].level) == unit_id
+            u
+            for u in self.units_at(level)
+            if self.units[u].ancestry.get(self.units[unit_id].level) == unit_id
         )
 
     def tier_rank(self, tier: str) -> int:

@@ -97,11 +97,14 @@ class Decision:
     policy_version: str
 
     def to_dict(self, *, json: bool = True, exclude: set[str] | None = None) -> dict[str, Any]:
-        mode = "json" if json else "python"
-        out: dict[str, Any] = _DECISION.dump_python(self, mode=mode, exclude=exclude)
+        out: dict[str, Any] = _DECISION.dump_python(
+            self, mode="json" if json else "python", exclude=exclude
+        )
         return out
 
-    def model_dump(self, *, mode: str = "python", exclude: set[str] | None = None) -> dict[str, Any]:
+    def model_dump(
+        self, *, mode: str = "python", exclude: set[str] | None = None
+    ) -> dict[str, Any]:
         """pydantic-style alias of :meth:`to_dict`."""
         return self.to_dict(json=mode == "json", exclude=exclude)
 
@@ -145,7 +148,9 @@ def _pydantic_errors(exc: ValidationError) -> list[FieldError]:
     return out
 
 
-def validate_case(reg: Registry, data: CaseIn | Mapping[str, Any], *, source: str | None = None) -> CaseIn:
+def validate_case(
+    reg: Registry, data: CaseIn | Mapping[str, Any], *, source: str | None = None
+) -> CaseIn:
     """Validate a case document against the schema and the policy's references."""
     if isinstance(data, CaseIn):
         case = data
@@ -159,21 +164,37 @@ def validate_case(reg: Registry, data: CaseIn | Mapping[str, Any], *, source: st
     errors: list[FieldError] = []
     if case.category not in reg.categories:
         hint = suggest(case.category, reg.categories)
-        errors.append(FieldError("category", f"unknown category '{case.category}'"
-                                 + (f" (did you mean '{hint}'?)" if hint else "")))
+        errors.append(
+            FieldError(
+                "category",
+                f"unknown category '{case.category}'"
+                + (f" (did you mean '{hint}'?)" if hint else ""),
+            )
+        )
     if case.location not in reg.units:
         hint = suggest(case.location, reg.units)
-        errors.append(FieldError("location", f"unknown unit '{case.location}'"
-                                 + (f" (did you mean '{hint}'?)" if hint else "")))
+        errors.append(
+            FieldError(
+                "location",
+                f"unknown unit '{case.location}'" + (f" (did you mean '{hint}'?)" if hint else ""),
+            )
+        )
     if case.channel not in reg.channels:
-        errors.append(FieldError("channel", f"unknown channel '{case.channel}' "
-                                 f"(allowed: {', '.join(reg.channels)})"))
+        errors.append(
+            FieldError(
+                "channel", f"unknown channel '{case.channel}' (allowed: {', '.join(reg.channels)})"
+            )
+        )
     for name, value in case.attributes.items():
         kind = reg.attributes.get(name)
         if kind is None:
             hint = suggest(name, reg.attributes)
-            errors.append(FieldError(f"attributes.{name}", "undeclared attribute"
-                                     + (f" (did you mean '{hint}'?)" if hint else "")))
+            errors.append(
+                FieldError(
+                    f"attributes.{name}",
+                    "undeclared attribute" + (f" (did you mean '{hint}'?)" if hint else ""),
+                )
+            )
             continue
         ok = {
             "string": isinstance(value, str),
@@ -183,7 +204,9 @@ def validate_case(reg: Registry, data: CaseIn | Mapping[str, Any], *, source: st
         }[kind]
         if not ok:
             errors.append(FieldError(f"attributes.{name}", f"expected {kind}, got {value!r}"))
-        elif reg.attribute_values.get(name) is not None and value not in (reg.attribute_values[name] or ()):
+        elif reg.attribute_values.get(name) is not None and value not in (
+            reg.attribute_values[name] or ()
+        ):
             errors.append(FieldError(f"attributes.{name}", f"{value!r} is not an allowed value"))
     if errors:
         raise CaseValidationError(errors, source=source)
@@ -326,15 +349,20 @@ class Router:
         notifications = []
         for spec in notify_specs:
             if spec.department:
-                notifications.append(Notification(
-                    kind="department", target=spec.department, units=[]))
+                notifications.append(
+                    Notification(kind="department", target=spec.department, units=[])
+                )
             if spec.broadcast:
                 within = spec.within
                 anchor = reg.units[case.location].ancestry.get(within) if within else None
-                units = (reg.descendants_at(anchor, spec.broadcast) if anchor
-                         else reg.units_at(spec.broadcast))
-                notifications.append(Notification(
-                    kind="broadcast", target=spec.broadcast, units=list(units)))
+                units = (
+                    reg.descendants_at(anchor, spec.broadcast)
+                    if anchor
+                    else reg.units_at(spec.broadcast)
+                )
+                notifications.append(
+                    Notification(kind="broadcast", target=spec.broadcast, units=list(units))
+                )
         return Decision(
             case_id=case.id,
             category=case.category,
@@ -366,10 +394,12 @@ class Router:
         seen = []
         for condition, label, fields in shape:
             values = [fact.get(f) for f in fields]
-            seen.append(ConditionSeen(
-                condition=condition, field=label, seen=values[0] if len(values) == 1 else values))
-        return RuleHit(table=rule.table, rule=rule.rule_id, source=rule.source,
-                                       conditions=seen)
+            seen.append(
+                ConditionSeen(
+                    condition=condition, field=label, seen=values[0] if len(values) == 1 else values
+                )
+            )
+        return RuleHit(table=rule.table, rule=rule.rule_id, source=rule.source, conditions=seen)
 
 
 def _trace_shape(cond: Cond) -> list[tuple[str, str, tuple[str, ...]]]:
@@ -377,11 +407,13 @@ def _trace_shape(cond: Cond) -> list[tuple[str, str, tuple[str, ...]]]:
     out = []
     for item in items:
         tests = tests_of(item)
-        out.append((
-            str(item) if isinstance(item, Predicate) else describe(item),
-            ", ".join(dict.fromkeys(t.label for t in tests)),
-            tuple(dict.fromkeys(t.field for t in tests)),
-        ))
+        out.append(
+            (
+                str(item) if isinstance(item, Predicate) else describe(item),
+                ", ".join(dict.fromkeys(t.label for t in tests)),
+                tuple(dict.fromkeys(t.field for t in tests)),
+            )
+        )
     return out
 
 

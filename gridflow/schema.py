@@ -47,9 +47,9 @@ __all__ = [
     "PolicyMeta",
     "Pool",
     "Routing",
-    "SupervisionSpec",
     "Rule",
     "RuleTest",
+    "SupervisionSpec",
     "Table",
     "Unit",
     "Urgency",
@@ -104,8 +104,9 @@ class PolicyMeta(Strict):
         None, description="used when neither rule, category nor default route sets one"
     )
     channels: list[Ident] | None = Field(
-        None, description="allowed case channels (default: patrol, hotline, app, video, "
-        "wechat, media, other)"
+        None,
+        description="allowed case channels (default: patrol, hotline, app, video, "
+        "wechat, media, other)",
     )
     max_rules_per_ruleset: int = Field(
         256, ge=16, le=500, description="shard size for the rules engine (it hangs above 512)"

@@ -66,7 +66,12 @@ class Located:
         return (1, 1)
 
     def problem(
-        self, loc: Path, message: str, *, key: bool = False, suggestion: str | None = None,
+        self,
+        loc: Path,
+        message: str,
+        *,
+        key: bool = False,
+        suggestion: str | None = None,
         severity: str = "error",
     ) -> Problem:
         line, col = self.where(loc, key=key)
@@ -122,12 +127,14 @@ def _measure(root: Node, limits: Limits) -> None:
     def visit(node: Node, depth: int) -> tuple[int, int]:
         key = id(node)
         if key in active:
-            raise _LimitExceeded(node, "recursive alias (a node that contains itself); "
-                                       "refusing to load it")
+            raise _LimitExceeded(
+                node, "recursive alias (a node that contains itself); refusing to load it"
+            )
         if key not in memo:
             if depth > limits.max_depth:
-                raise _LimitExceeded(node, f"nesting deeper than {limits.max_depth} levels; "
-                                           "refusing to load it")
+                raise _LimitExceeded(
+                    node, f"nesting deeper than {limits.max_depth} levels; refusing to load it"
+                )
             active.add(key)
             if isinstance(node, MappingNode):
                 children = [v for _k, v in node.value]
@@ -152,8 +159,9 @@ def _measure(root: Node, limits: Limits) -> None:
                 "(alias expansion or a runaway file); refusing to load it",
             )
         if depth + height > limits.max_depth:
-            raise _LimitExceeded(node, f"nesting deeper than {limits.max_depth} levels; "
-                                       "refusing to load it")
+            raise _LimitExceeded(
+                node, f"nesting deeper than {limits.max_depth} levels; refusing to load it"
+            )
         return count, height
 
     visit(root, 0)
@@ -256,8 +264,14 @@ def read_yaml(
         node = yaml.compose(io.StringIO(text))
     except _TooDeep as exc:
         line, col = exc.mark.line + 1, exc.mark.column + 1
-        return located, [Problem(path, line, col, f"nesting deeper than {limits.max_depth} "
-                                                  "levels; refusing to load it")]
+        return located, [
+            Problem(
+                path,
+                line,
+                col,
+                f"nesting deeper than {limits.max_depth} levels; refusing to load it",
+            )
+        ]
     except MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark is not None else (1, 1)

@@ -46,8 +46,9 @@ def _op(op: str, seen: Any, value: Any) -> bool:
     if op == "not_in":
         return not _op("in", seen, value)
     if op in ("lt", "lte", "gt", "gte"):
-        return bool({"lt": seen < value, "lte": seen <= value, "gt": seen > value,
-                     "gte": seen >= value}[op])
+        return bool(
+            {"lt": seen < value, "lte": seen <= value, "gt": seen > value, "gte": seen >= value}[op]
+        )
     if op == "prefix":
         prefixes = value if isinstance(value, list) else [value]
         return any(str(seen).startswith(p) for p in prefixes)
@@ -143,5 +144,6 @@ def reference_route(policy: Policy, tables: list[Any], default: Any, case: CaseI
         tags += [t for t in o.tags if t not in tags]
         summon += [d for d in o.summon if d not in summon]
     tier = primary.tier or policy.registry.departments[primary.lead].tier
-    return RefDecision([(t, r.id) for t, r in hits], primary.lead, assist, tier, rule_id, tags,
-                       summon)
+    return RefDecision(
+        [(t, r.id) for t, r in hits], primary.lead, assist, tier, rule_id, tags, summon
+    )

@@ -17,19 +17,40 @@ SH = ZoneInfo("Asia/Shanghai")
 
 ORGANISATION: dict[str, Any] = {
     "levels": [{"id": "district"}, {"id": "street"}, {"id": "community"}, {"id": "grid"}],
-    "units": [{
-        "id": "d1", "name": "武进区", "level": "district",
-        "children": [{
-            "id": "s1", "name": "戚墅堰街道", "level": "street",
+    "units": [
+        {
+            "id": "d1",
+            "name": "武进区",
+            "level": "district",
             "children": [
-                {"id": "c1", "name": "戚大街社区", "level": "community", "children": [
-                    {"id": "g1", "name": "第一网格", "level": "grid"},
-                    {"id": "g2", "name": "第二网格", "level": "grid"}]},
-                {"id": "c2", "name": "丁堰社区", "level": "community", "children": [
-                    {"id": "g3", "name": "第三网格", "level": "grid"},
-                    {"id": "g4", "name": "第四网格", "level": "grid"}]},
-            ]}],
-    }],
+                {
+                    "id": "s1",
+                    "name": "戚墅堰街道",
+                    "level": "street",
+                    "children": [
+                        {
+                            "id": "c1",
+                            "name": "戚大街社区",
+                            "level": "community",
+                            "children": [
+                                {"id": "g1", "name": "第一网格", "level": "grid"},
+                                {"id": "g2", "name": "第二网格", "level": "grid"},
+                            ],
+                        },
+                        {
+                            "id": "c2",
+                            "name": "丁堰社区",
+                            "level": "community",
+                            "children": [
+                                {"id": "g3", "name": "第三网格", "level": "grid"},
+                                {"id": "g4", "name": "第四网格", "level": "grid"},
+                            ],
+                        },
+                    ],
+                }
+            ],
+        }
+    ],
 }
 DEPARTMENTS = [
     {"id": "grid-team", "name": "网格工作站", "tier": "grid", "pools": [{"id": "p1"}]},
@@ -41,13 +62,23 @@ DEPARTMENTS = [
 ]
 DEPT_IDS = [d["id"] for d in DEPARTMENTS]
 CATEGORIES = [
-    {"code": "E01", "name": "市容环境", "children": [
-        {"code": "E01-01", "name": "私搭乱建"},
-        {"code": "E01-10", "name": "暴露垃圾", "time_limit": "4wh"},
-        {"code": "E01-11", "name": "楼道堆物"}]},
-    {"code": "E04", "name": "街面秩序", "children": [
-        {"code": "E04-06", "name": "占道经营"},
-        {"code": "E04-09", "name": "机动车乱停放", "urgency": "urgent"}]},
+    {
+        "code": "E01",
+        "name": "市容环境",
+        "children": [
+            {"code": "E01-01", "name": "私搭乱建"},
+            {"code": "E01-10", "name": "暴露垃圾", "time_limit": "4wh"},
+            {"code": "E01-11", "name": "楼道堆物"},
+        ],
+    },
+    {
+        "code": "E04",
+        "name": "街面秩序",
+        "children": [
+            {"code": "E04-06", "name": "占道经营"},
+            {"code": "E04-09", "name": "机动车乱停放", "urgency": "urgent"},
+        ],
+    },
     {"code": "S01", "name": "代办服务", "children": [{"code": "S01-01", "name": "老年证"}]},
 ]
 CODES = ["E01", "E01-01", "E01-10", "E01-11", "E04", "E04-06", "E04-09", "S01", "S01-01"]
@@ -61,12 +92,12 @@ WORDS = ["井盖", "垃圾", "占道", "漏水", "楼道", "a1", "b2", "老人"]
 CHANNELS = ["patrol", "hotline", "app", "video"]
 UNITS = ["d1", "s1", "c1", "c2", "g1", "g2", "g3", "g4"]
 TIMES = [
-    datetime(2026, 3, 9, 10, 0, tzinfo=SH),    # Monday, working hours
-    datetime(2026, 3, 9, 20, 30, tzinfo=SH),   # Monday evening
-    datetime(2026, 3, 14, 9, 0, tzinfo=SH),    # Saturday
-    datetime(2026, 10, 1, 10, 0, tzinfo=SH),   # National Day
-    datetime(2026, 9, 27, 10, 0, tzinfo=SH) ,  # a Sunday
-    datetime(2026, 2, 14, 11, 0, tzinfo=SH),   # make-up Saturday before Spring Festival
+    datetime(2026, 3, 9, 10, 0, tzinfo=SH),  # Monday, working hours
+    datetime(2026, 3, 9, 20, 30, tzinfo=SH),  # Monday evening
+    datetime(2026, 3, 14, 9, 0, tzinfo=SH),  # Saturday
+    datetime(2026, 10, 1, 10, 0, tzinfo=SH),  # National Day
+    datetime(2026, 9, 27, 10, 0, tzinfo=SH),  # a Sunday
+    datetime(2026, 2, 14, 11, 0, tzinfo=SH),  # make-up Saturday before Spring Festival
 ]
 
 # --- regexes the engine can express (Python syntax, search semantics) -------------------
@@ -79,8 +110,9 @@ _QUANT = ["", "", "*", "+", "?", "{1,2}", "{2}"]
 def regexes(draw: st.DrawFn) -> str:
     def seq() -> str:
         n = draw(st.integers(1, 3))
-        return "".join(draw(st.sampled_from(_ATOMS)) + draw(st.sampled_from(_QUANT))
-                       for _ in range(n))
+        return "".join(
+            draw(st.sampled_from(_ATOMS)) + draw(st.sampled_from(_QUANT)) for _ in range(n)
+        )
 
     body = seq()
     if draw(st.booleans()):
@@ -103,8 +135,10 @@ def _category() -> st.SearchStrategy[Any]:
         st.lists(st.sampled_from(CODES), min_size=1, max_size=3, unique=True),
         st.builds(lambda p: {"prefix": p}, st.sampled_from(PREFIXES)),
         st.builds(lambda c: {"ne": c}, st.sampled_from(CODES)),
-        st.builds(lambda cs: {"not_in": cs},
-                  st.lists(st.sampled_from(CODES), min_size=1, max_size=2, unique=True)),
+        st.builds(
+            lambda cs: {"not_in": cs},
+            st.lists(st.sampled_from(CODES), min_size=1, max_size=2, unique=True),
+        ),
     )
 
 
@@ -117,46 +151,66 @@ def _description() -> st.SearchStrategy[Any]:
 
 
 def _attributes() -> st.SearchStrategy[dict[str, Any]]:
-    return st.fixed_dictionaries({}, optional={
-        "households": st.one_of(
-            st.builds(lambda v: {"gte": v}, st.integers(0, 500)),
-            st.builds(lambda v: {"lt": v}, st.integers(0, 500)),
-            st.integers(0, 500)),
-        "needy": st.booleans(),
-        "kind": st.one_of(st.sampled_from(["a", "b", "c"]),
-                          st.lists(st.sampled_from(["a", "b", "c"]), min_size=1, max_size=2,
-                                   unique=True)),
-    })
+    return st.fixed_dictionaries(
+        {},
+        optional={
+            "households": st.one_of(
+                st.builds(lambda v: {"gte": v}, st.integers(0, 500)),
+                st.builds(lambda v: {"lt": v}, st.integers(0, 500)),
+                st.integers(0, 500),
+            ),
+            "needy": st.booleans(),
+            "kind": st.one_of(
+                st.sampled_from(["a", "b", "c"]),
+                st.lists(st.sampled_from(["a", "b", "c"]), min_size=1, max_size=2, unique=True),
+            ),
+        },
+    )
 
 
 def _reported() -> st.SearchStrategy[dict[str, Any]]:
-    return st.fixed_dictionaries({}, optional={
-        "working_hours": st.booleans(),
-        "weekend": st.booleans(),
-        "holiday": st.booleans(),
-        "workday": st.booleans(),
-        "hour": st.one_of(st.builds(lambda h: {"gte": h}, st.integers(0, 23)),
-                          st.integers(0, 23)),
-        "weekday": st.lists(st.integers(1, 7), min_size=1, max_size=3, unique=True),
-    })
+    return st.fixed_dictionaries(
+        {},
+        optional={
+            "working_hours": st.booleans(),
+            "weekend": st.booleans(),
+            "holiday": st.booleans(),
+            "workday": st.booleans(),
+            "hour": st.one_of(
+                st.builds(lambda h: {"gte": h}, st.integers(0, 23)), st.integers(0, 23)
+            ),
+            "weekday": st.lists(st.integers(1, 7), min_size=1, max_size=3, unique=True),
+        },
+    )
 
 
 def _when_fields() -> st.SearchStrategy[dict[str, Any]]:
-    return st.fixed_dictionaries({}, optional={
-        "category": _category(),
-        "description": _description(),
-        "channel": st.one_of(st.sampled_from(CHANNELS),
-                             st.lists(st.sampled_from(CHANNELS), min_size=1, max_size=2,
-                                      unique=True)),
-        "urgency": st.sampled_from(["normal", "urgent", "emergency"]),
-        "location": st.one_of(
-            st.builds(lambda c: {"community": c}, st.sampled_from(["c1", "c2"])),
-            st.builds(lambda g: {"grid": g},
-                      st.lists(st.sampled_from(["g1", "g2", "g3", "g4"]), min_size=1,
-                               max_size=2, unique=True))),
-        "reported": _reported(),
-        "attributes": _attributes(),
-    })
+    return st.fixed_dictionaries(
+        {},
+        optional={
+            "category": _category(),
+            "description": _description(),
+            "channel": st.one_of(
+                st.sampled_from(CHANNELS),
+                st.lists(st.sampled_from(CHANNELS), min_size=1, max_size=2, unique=True),
+            ),
+            "urgency": st.sampled_from(["normal", "urgent", "emergency"]),
+            "location": st.one_of(
+                st.builds(lambda c: {"community": c}, st.sampled_from(["c1", "c2"])),
+                st.builds(
+                    lambda g: {"grid": g},
+                    st.lists(
+                        st.sampled_from(["g1", "g2", "g3", "g4"]),
+                        min_size=1,
+                        max_size=2,
+                        unique=True,
+                    ),
+                ),
+            ),
+            "reported": _reported(),
+            "attributes": _attributes(),
+        },
+    )
 
 
 @st.composite
@@ -191,9 +245,13 @@ def policies(draw: st.DrawFn, max_tables: int = 3, max_rules: int = 8) -> dict[s
             {"id": f"t{t}r{r}", "when": draw(whens()), "then": draw(outcomes())}
             for r in range(draw(st.integers(0, max_rules)))
         ]
-        tables.append({"id": f"t{t}", "hit": draw(st.sampled_from(["first", "first", "collect",
-                                                                   "unique"])),
-                       "rules": rules})
+        tables.append(
+            {
+                "id": f"t{t}",
+                "hit": draw(st.sampled_from(["first", "first", "collect", "unique"])),
+                "rules": rules,
+            }
+        )
     return {
         "policy": {"name": "generated", "max_rules_per_ruleset": draw(st.sampled_from([16, 256]))},
         "organisation": ORGANISATION,
@@ -217,9 +275,14 @@ def cases(draw: st.DrawFn) -> dict[str, Any]:
         case["urgency"] = draw(st.sampled_from(["normal", "urgent", "emergency"]))
     if draw(st.booleans()):
         case["reported_at"] = draw(st.sampled_from(TIMES)).isoformat()
-    case["attributes"] = draw(st.fixed_dictionaries({}, optional={
-        "households": st.integers(0, 500),
-        "needy": st.booleans(),
-        "kind": st.sampled_from(["a", "b", "c"]),
-    }))
+    case["attributes"] = draw(
+        st.fixed_dictionaries(
+            {},
+            optional={
+                "households": st.integers(0, 500),
+                "needy": st.booleans(),
+                "kind": st.sampled_from(["a", "b", "c"]),
+            },
+        )
+    )
     return case

@@ -23,7 +23,7 @@ from gridflow.conditions import CATEGORY, DESCRIPTION, AllOf, Predicate
 from tests import strategies as gs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from policygen import sample_cases, write_policy  # noqa: E402
+from policygen import sample_cases, write_policy
 
 
 def _single(op: str, value: str) -> CompiledRules:
@@ -52,8 +52,11 @@ def test_contains_is_exact_where_the_engine_regex_is_not(literal: str, text: str
 
 @pytest.mark.parametrize(
     ("pattern", "message"),
-    [("(?<=a", "missing ), unterminated subpattern"), ("[", "unterminated character set"),
-     ("a{2,1}", "min repeat greater than max repeat")],
+    [
+        ("(?<=a", "missing ), unterminated subpattern"),
+        ("[", "unterminated character set"),
+        ("a{2,1}", "min repeat greater than max repeat"),
+    ],
 )
 def test_invalid_regexes_are_refused_with_a_reason(pattern: str, message: str) -> None:
     problem = check_regex(pattern)
@@ -68,11 +71,23 @@ def test_a_missing_text_field_matches_nothing() -> None:
 
 
 def test_no_ruleset_exceeds_the_shard_size() -> None:
-    rules = tuple(RuleSpec(f"r{i}", AllOf((Predicate(CATEGORY, "eq", "E01-01", "category"),
-                                            Predicate(DESCRIPTION, "contains", f"词{i}号", "d"))))
-                  for i in range(1200))
-    compiled = CompiledRules([TableSpec("t", "first", rules)],
-                             category_groups={"E01-01": "E01"}, max_rules_per_ruleset=200)
+    rules = tuple(
+        RuleSpec(
+            f"r{i}",
+            AllOf(
+                (
+                    Predicate(CATEGORY, "eq", "E01-01", "category"),
+                    Predicate(DESCRIPTION, "contains", f"词{i}号", "d"),
+                )
+            ),
+        )
+        for i in range(1200)
+    )
+    compiled = CompiledRules(
+        [TableSpec("t", "first", rules)],
+        category_groups={"E01-01": "E01"},
+        max_rules_per_ruleset=200,
+    )
     # 200 rules per ruleset, but each rule brings its own text test and a message holds
     # fewer than 256 properties: shards also stop at MAX_PREDICATES_PER_RULESET
     assert compiled.largest_ruleset == MAX_PREDICATES_PER_RULESET == 150
@@ -91,11 +106,14 @@ def test_a_5000_rule_policy_loads_and_routes_like_the_plain_python_baseline(tmp_
     assert policy.router.compiled.largest_ruleset <= 256
     index: dict[str, list[tuple[str, str]]] = {}
     for r in shape["rules"]:
-        index.setdefault(r["when"]["category"], []).append((r["when"]["description"],
-                                                            r["then"]["lead"]))
+        index.setdefault(r["when"]["category"], []).append(
+            (r["when"]["description"], r["then"]["lead"])
+        )
     for case in sample_cases(shape, 400):
-        want = next((lead for word, lead in index[case["category"]]
-                     if word in case["description"]), "centre")
+        want = next(
+            (lead for word, lead in index[case["category"]] if word in case["description"]),
+            "centre",
+        )
         assert policy.route(case).lead == want
 
 

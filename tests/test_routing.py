@@ -25,7 +25,9 @@ def _load(content: dict[str, Any], tmp: Path) -> Policy:
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(policy=gs.policies(), cases=st.lists(gs.cases(), min_size=1, max_size=12))
-def test_durable_rules_path_equals_reference(policy: dict[str, Any], cases: list[dict[str, Any]]) -> None:
+def test_durable_rules_path_equals_reference(
+    policy: dict[str, Any], cases: list[dict[str, Any]]
+) -> None:
     model = PolicyFile.model_validate(policy)
     assert model.routing is not None
     with tempfile.TemporaryDirectory() as tmp:
@@ -63,19 +65,41 @@ def mini(tmp_path_factory: pytest.TempPathFactory) -> Policy:
         "routing": {
             "default": {"lead": "centre", "time_limit": "1wd"},
             "tables": [
-                {"id": "main", "hit": "first", "rules": [
-                    {"id": "sidewalk", "when": {"category": "E04-06"},
-                     "then": {"lead": "grid-team", "pool": "p1", "time_limit": "2wh"}},
-                    {"id": "missing", "when": {"category": "S01-01", "description": "走失"},
-                     "then": {"lead": "centre", "notify": [{"broadcast": "grid",
-                                                            "within": "street"}]}},
-                    {"id": "garbage", "when": {"category": "E01-10"},
-                     "then": {"lead": "sanitation", "tier": "street"}},
-                ]},
-                {"id": "co", "hit": "collect", "rules": [
-                    {"id": "needy", "when": {"attributes": {"needy": True}},
-                     "then": {"lead": "civil-affairs", "tags": ["needy"]}},
-                ]},
+                {
+                    "id": "main",
+                    "hit": "first",
+                    "rules": [
+                        {
+                            "id": "sidewalk",
+                            "when": {"category": "E04-06"},
+                            "then": {"lead": "grid-team", "pool": "p1", "time_limit": "2wh"},
+                        },
+                        {
+                            "id": "missing",
+                            "when": {"category": "S01-01", "description": "走失"},
+                            "then": {
+                                "lead": "centre",
+                                "notify": [{"broadcast": "grid", "within": "street"}],
+                            },
+                        },
+                        {
+                            "id": "garbage",
+                            "when": {"category": "E01-10"},
+                            "then": {"lead": "sanitation", "tier": "street"},
+                        },
+                    ],
+                },
+                {
+                    "id": "co",
+                    "hit": "collect",
+                    "rules": [
+                        {
+                            "id": "needy",
+                            "when": {"attributes": {"needy": True}},
+                            "then": {"lead": "civil-affairs", "tags": ["needy"]},
+                        },
+                    ],
+                },
             ],
         },
     }
@@ -83,8 +107,14 @@ def mini(tmp_path_factory: pytest.TempPathFactory) -> Policy:
 
 
 def test_decision_carries_trace_deadline_and_version(mini: Policy) -> None:
-    d = mini.route({"id": "c-1", "category": "E04-06", "location": "g3",
-                    "reported_at": "2026-03-09T16:30:00+08:00"})
+    d = mini.route(
+        {
+            "id": "c-1",
+            "category": "E04-06",
+            "location": "g3",
+            "reported_at": "2026-03-09T16:30:00+08:00",
+        }
+    )
     assert (d.lead, d.tier, d.unit, d.pool, d.rule) == ("grid-team", "grid", "g3", "p1", "sidewalk")
     assert d.time_limit == "2wh"
     # 16:30 + 1 h of Monday, + 1 h from 08:30 Tuesday
@@ -132,17 +162,25 @@ def test_exclude_skips_departments_that_returned_the_case(mini: Policy) -> None:
         ({"category": "E01-10"}, ["location"]),
         ({"category": "E01-1O", "location": "g1"}, ["category"]),
         ({"category": "E01-10", "location": "g9"}, ["location"]),
-        ({"category": "E01-10", "location": "g1", "attributes": {"households": "many"}},
-         ["attributes.households"]),
-        ({"category": "E01-10", "location": "g1", "attributes": {"floors": 3}},
-         ["attributes.floors"]),
-        ({"category": "E01-10", "location": "g1", "reported_at": "2026-03-09T10:00:00"},
-         ["reported_at"]),
+        (
+            {"category": "E01-10", "location": "g1", "attributes": {"households": "many"}},
+            ["attributes.households"],
+        ),
+        (
+            {"category": "E01-10", "location": "g1", "attributes": {"floors": 3}},
+            ["attributes.floors"],
+        ),
+        (
+            {"category": "E01-10", "location": "g1", "reported_at": "2026-03-09T10:00:00"},
+            ["reported_at"],
+        ),
         ({"category": "E01-10", "location": "g1", "channel": "pigeon"}, ["channel"]),
         ({"category": 7, "location": "g1", "colour": "red"}, ["category", "colour"]),
     ],
 )
-def test_invalid_case_names_the_field(mini: Policy, case: dict[str, Any], fields: list[str]) -> None:
+def test_invalid_case_names_the_field(
+    mini: Policy, case: dict[str, Any], fields: list[str]
+) -> None:
     with pytest.raises(CaseValidationError) as info:
         mini.route(case)
     assert sorted(info.value.fields) == sorted(fields)
