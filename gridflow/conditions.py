@@ -250,9 +250,9 @@ class _Lowerer:
                     when.description,
                     ("contains", "contains_any", "regex"),
                     scalar_op="contains",
-                    list_op="contains_any",
+                    list_op="contains_any",  # type: ignore[arg-type]
                 )
-            )  # type: ignore[arg-type]
+            )
         if when.channel is not None:
             add(
                 self.field(
