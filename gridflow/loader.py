@@ -441,7 +441,8 @@ class _Builder:
             self.single("policy", model.policy, located, ("policy",))
             self.single("organisation", model.organisation, located, ("organisation",))
             self.single("calendar", model.calendar, located, ("calendar",))
-            for name in ("workflow", "supervision", "escalation", "appeals", "evaluation"):
+            for name in ("workflow", "supervision", "escalation", "appeals", "evaluation",
+                         "scoring"):
                 self.single(name, getattr(model, name), located, (name,))
             if model.routing is not None:
                 self.single(
@@ -950,6 +951,12 @@ class _Builder:
                 else:
                     continue
                 break
+        if "scoring" in self.singletons:
+            from gridflow.scoring import validate_spec
+
+            sc_loc, sc_spec = self.singletons["scoring"]
+            for sub, message in validate_spec(sc_spec):
+                self.err(sc_loc, ("scoring", *sub), message)
         appeals = typing.cast(AppealsSpec, self.singletons.get("appeals", (None, AppealsSpec()))[1])
         evaluation = typing.cast(
             EvaluationSpec, self.singletons.get("evaluation", (None, EvaluationSpec()))[1]

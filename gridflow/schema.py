@@ -49,6 +49,7 @@ __all__ = [
     "Routing",
     "Rule",
     "RuleTest",
+    "ScoringSpec",
     "SupervisionSpec",
     "Table",
     "Unit",
@@ -370,6 +371,54 @@ class EvaluationSpec(Strict):
     reopen_window: DurationText = Field("7d", description="a resident may reopen within this")
 
 
+# --- scoring ------------------------------------------------------------------------------
+
+Criterion = Literal["timeliness", "resolution", "quality", "satisfaction"]
+
+
+class CurvePoint(Strict):
+    x: float = Field(ge=0, description="input of the curve (e.g. overdue share, rework count)")
+    score: float = Field(ge=0, le=1)
+
+
+class ScoringSpec(Strict):
+    """How closed cases are scored (BRIEF §8); validated by gridflow.scoring."""
+
+    weights: dict[Criterion, float] = Field(
+        default_factory=lambda: {
+            "timeliness": 30, "resolution": 30, "quality": 20, "satisfaction": 20},
+        description="criterion → weight; the weights must sum to 100",
+    )
+    timeliness_curve: list[CurvePoint] = Field(
+        default_factory=lambda: [CurvePoint(x=0, score=1), CurvePoint(x=1, score=0)],
+        description="overdue share (overdue working time / limit) → score, non-increasing",
+    )
+    rework_curve: list[CurvePoint] = Field(
+        default_factory=lambda: [CurvePoint(x=0, score=1), CurvePoint(x=1, score=0.7),
+                                 CurvePoint(x=2, score=0.4), CurvePoint(x=3, score=0)],
+        description="number of reworks → quality score, non-increasing",
+    )
+    resolution: dict[str, float] = Field(
+        default_factory=lambda: {"normal": 1.0, "deferred": 0.6, "special": 0.8},
+        description="how the case was closed → resolution score",
+    )
+    satisfaction: dict[str, float] = Field(
+        default_factory=lambda: {
+            "satisfied": 1.0, "basically_satisfied": 0.9, "dissatisfied": 0.0},
+        description="callback answer → satisfaction score",
+    )
+    score_assisting: bool = Field(False, description="also score assisting departments")
+    score_reporter: bool = Field(True, description="score the reporting grid worker")
+    rankings: dict[str, dict[str, Any]] = Field(
+        default_factory=lambda: {
+            "grid_workers": {"period": "week", "top": 5},
+            "cases": {"period": "month", "top": 10},
+            "departments": {"period": "month", "top": 0},
+        },
+        description="ranking name → {period: day|week|month|quarter|year, top: N (0 = all)}",
+    )
+
+
 class PolicyFile(Strict):
     """One rule file. Lists (departments, categories, tables, tests…) from several
     files are concatenated; single sections (policy, organisation, calendar,
@@ -388,4 +437,4 @@ class PolicyFile(Strict):
     escalation: EscalationSpec | None = None
     appeals: AppealsSpec | None = None
     evaluation: EvaluationSpec | None = None
-    scoring: dict[str, Any] | None = None
+    scoring: ScoringSpec | None = None
