@@ -27,6 +27,7 @@ from gridflow.loader import load_policy
 from gridflow.policy import Policy, PolicyHandle, RuleTestResult
 from gridflow.routing import Decision
 from gridflow.schema import CaseIn
+from gridflow.store import Store
 
 __version__ = "0.1.0"
 
@@ -51,6 +52,7 @@ __all__ = [
     "RoleNotAllowed",
     "RoutingError",
     "RuleTestResult",
+    "Store",
     "TransitionNotAllowed",
     "WorkflowDefinitionError",
     "__version__",

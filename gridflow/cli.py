@@ -23,7 +23,8 @@ from gridflow.routing import Decision
 
 __all__ = ["main"]
 
-_out = Console(highlight=False, soft_wrap=True)
+# Piped output (CI logs, files) gets a wide fixed width so decision tables stay readable.
+_out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 _err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
