@@ -23,8 +23,9 @@ from gridflow.errors import (
     TransitionNotAllowed,
     WorkflowDefinitionError,
 )
+from gridflow.handle import PolicyHandle
 from gridflow.loader import load_policy
-from gridflow.policy import Policy, PolicyHandle, RuleTestResult
+from gridflow.policy import Policy, RuleTestResult
 from gridflow.routing import Decision
 from gridflow.schema import CaseIn
 from gridflow.store import Store

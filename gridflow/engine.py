@@ -34,7 +34,8 @@ from gridflow.errors import (
     RoleNotAllowed,
     TransitionNotAllowed,
 )
-from gridflow.policy import Policy, PolicyHandle
+from gridflow.handle import PolicyHandle
+from gridflow.policy import Policy
 from gridflow.projection import apply, initial, iso, parse_time
 from gridflow.schema import CaseIn
 from gridflow.store import CaseRecord, EventRecord, IdempotencyConflict, NewEvent, Store

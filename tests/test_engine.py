@@ -21,7 +21,7 @@ from gridflow.errors import (
     RoleNotAllowed,
     TransitionNotAllowed,
 )
-from gridflow.policy import PolicyHandle
+from gridflow.handle import PolicyHandle
 from gridflow.projection import project
 from gridflow.store import Store
 from gridflow.store.core import StoreTx

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from gridflow.errors import DefinitionError
+from gridflow.handle import PolicyHandle
 from gridflow.loader import load_policy
-from gridflow.policy import Policy, PolicyHandle
+from gridflow.policy import Policy
 
 MINI = Path(__file__).parent / "policies" / "mini"
 TODAY = dt.date(2026, 3, 1)
