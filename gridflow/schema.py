@@ -376,6 +376,10 @@ class EvaluationSpec(Strict):
 Criterion = Literal["timeliness", "resolution", "quality", "satisfaction"]
 
 
+_DEFAULT_WEIGHTS: dict[Criterion, float] = {
+    "timeliness": 30.0, "resolution": 30.0, "quality": 20.0, "satisfaction": 20.0}
+
+
 class CurvePoint(Strict):
     x: float = Field(ge=0, description="input of the curve (e.g. overdue share, rework count)")
     score: float = Field(ge=0, le=1)
@@ -385,8 +389,7 @@ class ScoringSpec(Strict):
     """How closed cases are scored (BRIEF §8); validated by gridflow.scoring."""
 
     weights: dict[Criterion, float] = Field(
-        default_factory=lambda: {
-            "timeliness": 30, "resolution": 30, "quality": 20, "satisfaction": 20},
+        default_factory=lambda: _DEFAULT_WEIGHTS.copy(),
         description="criterion → weight; the weights must sum to 100",
     )
     timeliness_curve: list[CurvePoint] = Field(

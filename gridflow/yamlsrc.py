@@ -1,21 +1,22 @@
 """Safe YAML reading that remembers where every key and value came from.
 
-Rule files are composed into ruamel.yaml nodes (never constructed into arbitrary
-objects), then turned into plain dicts/lists/scalars while recording the line and
-column of every path. Limits guard against huge files, alias bombs and deep nesting.
+Rule files are composed into YAML nodes by libyaml (PyYAML's C parser; never
+constructed into arbitrary objects), then turned into plain dicts/lists/scalars while
+recording the line and column of every path. Scalars follow the YAML 1.2 core schema
+(``yes``/``no``/``on`` stay strings). Limits guard against huge files, alias bombs and
+deep nesting.
 """
 
 from __future__ import annotations
 
-import io
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ruamel.yaml import YAML
-from ruamel.yaml.composer import Composer
-from ruamel.yaml.error import MarkedYAMLError, YAMLError
-from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+import yaml
+from yaml.error import MarkedYAMLError, YAMLError
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from gridflow.errors import Problem
 
@@ -84,34 +85,55 @@ class _LimitExceeded(Exception):
         super().__init__(message)
 
 
-class _TooDeep(Exception):
-    def __init__(self, mark: Any):
-        self.mark = mark
-        super().__init__()
+_BASE_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-class _GuardedComposer(Composer):
-    """Refuses nesting beyond the limit *while* composing, before Python's recursion limit.
+class _Resolver(yaml.resolver.Resolver):
+    """YAML 1.2 core schema: only true/false are booleans, no sexagesimal numbers."""
 
-    The stock composer recurses once per level, so a file of a few thousand ``[`` would
-    otherwise end in a ``RecursionError``. Re-used anchors are legal YAML: no warning.
-    """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.warn_double_anchors = False
-        self.max_nesting = Limits().max_depth + 1  # set from the caller's limits
-        self.nesting = 0
+_Resolver.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in entries if tag not in (
+        "tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    for first, entries in yaml.resolver.Resolver.yaml_implicit_resolvers.items()
+}
+_Resolver.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+    list("tTfF"))
+_Resolver.add_implicit_resolver(
+    "tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?[0-9]+|0x[0-9a-fA-F]+)$"),
+    list("-+0123456789"))
+_Resolver.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+               r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
 
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        self.nesting += 1
-        is_key = isinstance(parent, MappingNode) and index is None  # located by its value
-        try:
-            if self.nesting > self.max_nesting and not is_key:
-                raise _TooDeep(self.parser.peek_event().start_mark)
-            return super().compose_node(parent, index)
-        finally:
-            self.nesting -= 1
+
+class _Loader(_BASE_LOADER, _Resolver):  # type: ignore[misc]
+    """libyaml's parser and composer, the safe constructor, YAML 1.2 scalars."""
+
+
+def _construct_int(loader: Any, node: ScalarNode) -> int:
+    text = str(node.value)
+    return int(text, 16) if text.startswith("0x") else int(text)  # 1.2: "010" is ten
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+
+
+def _depth_problem(text: str, limits: Limits) -> tuple[int, int] | None:
+    """Where nesting first exceeds the limit, scanning parser events (no recursion)."""
+    depth = 0
+    for event in yaml.parse(text, Loader=_Loader):
+        if isinstance(event, yaml.MappingStartEvent | yaml.SequenceStartEvent):
+            depth += 1
+            mark = event.start_mark
+            if depth > limits.max_depth + 1 and mark is not None:  # the root is level 1
+                return (mark.line + 1, mark.column + 1)
+        elif isinstance(event, yaml.MappingEndEvent | yaml.SequenceEndEvent):
+            depth -= 1
+    return None
 
 
 def _measure(root: Node, limits: Limits) -> None:
@@ -168,8 +190,8 @@ def _measure(root: Node, limits: Limits) -> None:
 
 
 class _Builder:
-    def __init__(self, yaml: YAML, located: Located, limits: Limits):
-        self.yaml = yaml
+    def __init__(self, loader: Any, located: Located, limits: Limits):
+        self.loader = loader
         self.located = located
         self.limits = limits
         self.count = 0
@@ -210,7 +232,9 @@ class _Builder:
                 Problem(self.located.path, line, col, f"unsupported YAML tag '{node.tag}'")
             )
             return None
-        return self.yaml.constructor.construct_object(node, deep=True)
+        if node.tag == "tag:yaml.org,2002:str":
+            return node.value
+        return self.loader.construct_object(node, deep=True)
 
     def _mapping(self, node: MappingNode, path: Path, depth: int) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -257,32 +281,32 @@ def read_yaml(
             return located, [
                 Problem(path, 1, 1, f"not UTF-8 text: {exc.reason} at byte {exc.start}")
             ]
-    yaml = YAML(typ="safe", pure=True)
-    yaml.Composer = _GuardedComposer
-    yaml.composer.max_nesting = limits.max_depth + 1  # the root node is nesting level 1
     try:
-        node = yaml.compose(io.StringIO(text))
-    except _TooDeep as exc:
-        line, col = exc.mark.line + 1, exc.mark.column + 1
-        return located, [
-            Problem(
-                path,
-                line,
-                col,
-                f"nesting deeper than {limits.max_depth} levels; refusing to load it",
-            )
-        ]
+        too_deep = _depth_problem(text, limits)
+        if too_deep is not None:
+            line, col = too_deep
+            return located, [Problem(
+                path, line, col,
+                f"nesting deeper than {limits.max_depth} levels; refusing to load it")]
+        loader: Any = _Loader(text)  # type: ignore[call-arg]
+        try:
+            node = loader.get_single_node()
+        finally:
+            loader.dispose()
     except MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark is not None else (1, 1)
-        message = " ".join(str(p) for p in (exc.context, exc.problem) if p)
+        context = str(exc.context or "")
+        if context and exc.context_mark is not None and exc.problem_mark is not None:
+            context += f" (line {exc.context_mark.line + 1}),"
+        message = " ".join(p for p in (context, str(exc.problem or "")) if p)
         return located, [Problem(path, line, col, f"YAML syntax error: {message}")]
     except YAMLError as exc:
         return located, [Problem(path, 1, 1, f"YAML error: {exc}")]
     if node is None:
         located.data = {}
         return located, []
-    builder = _Builder(yaml, located, limits)
+    builder = _Builder(_Loader(""), located, limits)  # type: ignore[call-arg]
     try:
         _measure(node, limits)
         located.data = builder.build(node, (), 0)

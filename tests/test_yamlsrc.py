@@ -167,11 +167,23 @@ def test_merge_keys_are_refused() -> None:
     assert "merge keys" in p.message
 
 
-def test_plain_aliases_are_allowed_and_reused_anchors_do_not_warn() -> None:
-    # pytest turns warnings into errors: a ReusedAnchorWarning would fail this test
-    located, problems = read_yaml("f.yaml", "a: &x 1\nb: &x [2]\nc: *x\n")
+def test_plain_aliases_are_allowed() -> None:
+    located, problems = read_yaml("f.yaml", "a: &x [1]\nb: *x\nc: *x\n")
     assert problems == []
-    assert located.data == {"a": 1, "b": [2], "c": [2]}
+    assert located.data == {"a": [1], "b": [1], "c": [1]}
+
+
+def test_a_reused_anchor_is_a_located_error_not_a_warning() -> None:
+    # pytest turns warnings into errors: a warning would fail this test too
+    p = only_problem("a: &x 1\nb: &x [2]\nc: *x\n")
+    assert at(p) == (2, 4)
+    assert "duplicate anchor" in p.message and "(line 1)" in p.message
+
+
+def test_yaml_1_2_scalars_yes_and_sexagesimal_stay_strings() -> None:
+    located, problems = read_yaml("f.yaml", "a: yes\nb: on\nc: 9:30\nd: true\ne: 010\nf: 1.5\n")
+    assert problems == []
+    assert located.data == {"a": "yes", "b": "on", "c": "9:30", "d": True, "e": 10, "f": 1.5}
 
 
 # --- limits -------------------------------------------------------------------------------
