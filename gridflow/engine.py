@@ -19,7 +19,8 @@ clock itself, starts no threads, and imports no database or state-machine librar
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -40,6 +41,7 @@ from gridflow.projection import apply, initial, iso, parse_time
 from gridflow.schema import CaseIn
 from gridflow.store import CaseRecord, EventRecord, IdempotencyConflict, NewEvent, Store
 from gridflow.store.core import StoreTx
+from gridflow.store.unitofwork import UnitOfWork
 from gridflow.workflow import Workflow
 
 __all__ = ["SATISFACTION", "SUPERVISED_STATES", "SYSTEM", "Actor", "CaseView", "Engine"]
@@ -225,8 +227,50 @@ class Engine:
         self.clock: Clock = clock if clock is not None else SystemClock()
         self._ids: Callable[[], str] = ids if ids is not None else (lambda: uuid.uuid4().hex)
         self._workflows: dict[int, tuple[Policy, Workflow]] = {}
+        self._uow: UnitOfWork | None = None
+        self._moves: dict[tuple[Workflow, str, str, str], str] = {}  # next-state memo (batch)
 
     # -- plumbing ---------------------------------------------------------------------
+
+    @contextmanager
+    def batch(self, *, size: int = 20_000) -> Iterator[UnitOfWork]:
+        """Batch mode (replays, bulk loads): commands inside the block work on an in-memory
+        working set and are stored in one transaction per ``size`` commands (and at the
+        end); see :mod:`gridflow.store.unitofwork`. The stored events and states are the
+        ones the same commands store outside a batch. If the block raises, everything
+        since the last commit is rolled back."""
+        if self._uow is not None:
+            raise RuntimeError("this engine is already in a batch")
+        uow = UnitOfWork(self.store, size=size)
+        self._uow = uow
+        try:
+            yield uow
+        except BaseException:
+            uow.rollback()
+            raise
+        else:
+            uow.commit()
+        finally:
+            self._uow = None
+            self._moves.clear()
+
+    def _transaction(self, *, readonly: bool = False) -> AbstractContextManager[Any]:
+        uow = self._uow
+        if uow is not None:
+            return uow.transaction(readonly=readonly)
+        return self.store.transaction(readonly=readonly)
+
+    def _next_state(
+        self, workflow: Workflow, state: str, trigger: str, role: str, case_id: str
+    ) -> str:
+        """``workflow.next_state``; inside a batch its (pure) answers are remembered."""
+        if self._uow is None:
+            return workflow.next_state(state, trigger, role, case_id=case_id)
+        key = (workflow, state, trigger, role)
+        found = self._moves.get(key)
+        if found is None:
+            found = self._moves[key] = workflow.next_state(state, trigger, role, case_id=case_id)
+        return found
 
     @property
     def policy(self) -> Policy:
@@ -403,9 +447,9 @@ class Engine:
         policy = self.policy
         workflow = self.workflow(policy)
         now = self._now()
-        with self.store.transaction() as tx:
+        with self._transaction() as tx:
             record = tx.require_case(case_id, for_update=True)
-            state = workflow.next_state(record.state, trigger, actor.role, case_id=case_id)
+            state = self._next_state(workflow, record.state, trigger, actor.role, case_id)
             spec = workflow.graph.trigger(trigger)
             reason = self._text(reason_field, reason, required=spec.needs_reason)
             proj = record.data
@@ -516,7 +560,7 @@ class Engine:
             proj = apply(proj, ev)
         record = self._record(proj, policy.version)
         try:
-            with self.store.transaction() as tx:
+            with self._transaction() as tx:
                 if idempotency_key is not None:
                     existing = tx.case_by_idempotency_key(idempotency_key)
                     if existing is not None:
@@ -528,7 +572,7 @@ class Engine:
             # A racing writer inserted the same key (its key-derived id) first.
             if idempotency_key is None:
                 raise
-            with self.store.transaction(readonly=True) as tx:
+            with self._transaction(readonly=True) as tx:
                 existing = tx.case_by_idempotency_key(idempotency_key)
             if existing is None:
                 raise
@@ -907,7 +951,7 @@ class Engine:
         workflow = self.workflow(policy)
         fired: list[EventRecord] = []
         while True:
-            with self.store.transaction() as tx:
+            with self._transaction() as tx:
                 timers = tx.claim_due_timers(when, limit)
                 for timer in timers:
                     fired += self._fire(tx, policy, workflow, timer.case_id, timer.kind,
@@ -958,12 +1002,12 @@ class Engine:
 
     def get(self, case_id: str) -> CaseView:
         """The case as it is now (``CaseNotFound`` if there is none)."""
-        with self.store.transaction(readonly=True) as tx:
+        with self._transaction(readonly=True) as tx:
             return CaseView.from_data(tx.require_case(case_id).data)
 
     def history(self, case_id: str) -> list[EventRecord]:
         """Every event of the case, oldest first."""
-        with self.store.transaction(readonly=True) as tx:
+        with self._transaction(readonly=True) as tx:
             events = tx.history(case_id)
             if not events and tx.get_case(case_id) is None:
                 raise CaseNotFound(case_id)
@@ -982,7 +1026,7 @@ class Engine:
         """Open cases (or those in ``states``) of a lead department / pool / handler /
         unit, most urgent deadline first."""
         chosen = list(states) if states is not None else list(self.workflow().open_states)
-        with self.store.transaction(readonly=True) as tx:
+        with self._transaction(readonly=True) as tx:
             records = tx.query_cases(
                 states=chosen, lead_department=department, pool=pool, handler=handler,
                 unit=unit, limit=limit,
@@ -992,7 +1036,7 @@ class Engine:
     def overdue(self, now: datetime | None = None) -> list[CaseView]:
         """Supervised cases whose deadline has passed at ``now``."""
         when = now if now is not None else self._now()
-        with self.store.transaction(readonly=True) as tx:
+        with self._transaction(readonly=True) as tx:
             records = tx.query_cases(states=SUPERVISED_STATES, due_before=when)
         return [CaseView.from_data(r.data) for r in records]
 
@@ -1002,7 +1046,7 @@ class Engine:
         when = now if now is not None else self._now()
         span = parse_duration(within) if isinstance(within, str) else within
         horizon = self.policy.calendar.add(when, span)
-        with self.store.transaction(readonly=True) as tx:
+        with self._transaction(readonly=True) as tx:
             records = tx.query_cases(states=SUPERVISED_STATES, due_before=horizon)
         return [
             CaseView.from_data(r.data) for r in records

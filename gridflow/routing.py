@@ -273,6 +273,7 @@ class Router:
         self.default_time_limit = default_time_limit
         self.version = version
         self._trace_shapes: dict[int, list[tuple[str, str, tuple[str, ...]]]] = {}
+        self._combined: dict[tuple[Any, ...], Any] = {}
 
     def validate(self, data: CaseIn | Mapping[str, Any], *, source: str | None = None) -> CaseIn:
         return validate_case(self.registry, data, source=source)
@@ -321,25 +322,11 @@ class Router:
         else:
             primary = hits[0].outcome
             rule_id, source = hits[0].rule_id, hits[0].source
-        assist: list[str] = []
-        tags: list[str] = []
-        summon: list[str] = []
-        notify_specs = []
-        for outcome in [primary, *(h.outcome for h in hits[1:])]:
-            for dept in ([outcome.lead] if outcome is not primary else []) + list(outcome.assist):
-                if dept != primary.lead and dept not in assist:
-                    assist.append(dept)
-            tags += [t for t in outcome.tags if t not in tags]
-            summon += [d for d in outcome.summon if d not in summon]
-            notify_specs += list(outcome.notify)
-        tier = primary.tier or reg.departments[primary.lead].tier
-        limit_text = (
-            (None if default else _pick_limit(primary.time_limit, urgency))
-            or _pick_limit(info.time_limit, urgency)
-            or _pick_limit(self.default.time_limit if self.default else None, urgency)
-            or _pick_limit(self.default_time_limit, urgency)
-        )
-        limit: Duration | None = _duration(limit_text) if limit_text else None
+        key = (tuple(id(h) for h in hits), case.category, urgency)
+        combined = self._combined.get(key)
+        if combined is None:
+            combined = self._combined[key] = self._combine(primary, hits, default, info, urgency)
+        assist, tags, summon, notify_specs, tier, limit = combined
         due_at = None
         if limit is not None and case.reported_at is not None:
             try:
@@ -369,22 +356,48 @@ class Router:
             urgency=urgency,
             lead=primary.lead,
             lead_name=reg.departments[primary.lead].name,
-            assist=assist,
+            assist=list(assist),
             tier=tier,
             unit=reg.unit_for_tier(case.location, tier),
             time_limit=str(limit) if limit else None,
             due_at=due_at,
             priority=primary.priority or min((h.outcome.priority or 5 for h in hits), default=5),
             pool=primary.pool,
-            tags=tags,
+            tags=list(tags),
             notify=notifications,
-            summon=summon,
+            summon=list(summon),
             rule=rule_id,
             source=source,
             default=default,
             hits=[self._trace(h, fact) for h in hits],
             policy_version=self.version,
         )
+
+    def _combine(
+        self, primary: Outcome, hits: list[RouteRule], default: bool, info: Any, urgency: str
+    ) -> tuple[list[str], list[str], list[str], list[Any], str, Duration | None]:
+        """The case-independent part of a decision (memoised per hit combination)."""
+        reg = self.registry
+        assist: list[str] = []
+        tags: list[str] = []
+        summon: list[str] = []
+        notify_specs: list[Any] = []
+        for outcome in [primary, *(h.outcome for h in hits[1:])]:
+            for dept in ([outcome.lead] if outcome is not primary else []) + list(outcome.assist):
+                if dept != primary.lead and dept not in assist:
+                    assist.append(dept)
+            tags += [t for t in outcome.tags if t not in tags]
+            summon += [d for d in outcome.summon if d not in summon]
+            notify_specs += list(outcome.notify)
+        tier = primary.tier or reg.departments[primary.lead].tier
+        limit_text = (
+            (None if default else _pick_limit(primary.time_limit, urgency))
+            or _pick_limit(info.time_limit, urgency)
+            or _pick_limit(self.default.time_limit if self.default else None, urgency)
+            or _pick_limit(self.default_time_limit, urgency)
+        )
+        limit = _duration(limit_text) if limit_text else None
+        return assist, tags, summon, notify_specs, tier, limit
 
     def _trace(self, rule: RouteRule, fact: Mapping[str, Any]) -> RuleHit:
         """One line per top-level condition; an ``any`` group is shown whole."""
