@@ -18,10 +18,10 @@ The definitions, with worked examples, are in docs/scoring.md.
 from __future__ import annotations
 
 import math
-from itertools import pairwise
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from itertools import pairwise
 from typing import Any, Protocol
 
 from gridflow.calendar import BusinessCalendar, Duration, parse_duration
@@ -97,18 +97,18 @@ def validate_spec(spec: ScoringSpec) -> list[tuple[Path, str]]:
         if key not in spec.satisfaction:
             problems.append((("satisfaction",),
                              f"satisfaction needs a score for the callback answer '{key}'"))
-    for name, ranking in spec.rankings.items():
+    for rname, ranking in spec.rankings.items():
         period = ranking.get("period", "month")
         if period not in ("day", "week", "month", "quarter", "year"):
-            problems.append((("rankings", name, "period"),
+            problems.append((("rankings", rname, "period"),
                              f"unknown period '{period}' (day, week, month, quarter, year)"))
         top = ranking.get("top", 0)
         if not isinstance(top, int) or isinstance(top, bool) or top < 0:
-            problems.append((("rankings", name, "top"), "top must be a whole number ≥ 0"))
-        of = ranking.get("of", name)
+            problems.append((("rankings", rname, "top"), "top must be a whole number ≥ 0"))
+        of = ranking.get("of", rname)
         if of not in _RANKED and of not in _RANKED.values():
             known = ", ".join(sorted(_RANKED))
-            problems.append((("rankings", name),
+            problems.append((("rankings", rname),
                              f"unknown ranking '{of}': name it one of {known} "
                              "or give 'of: department|worker|case|<level>'"))
     return problems
@@ -183,7 +183,7 @@ class CaseFacts:
     closed: bool = False
     closed_at: datetime | None = None  # the latest closure
     due_at: datetime | None = None  # deadline in force (+ approved extensions, + deferral)
-    on_time: bool | None = None  # closed cases: every closure within its deadline
+    on_time: bool | None = None  # closed: every closure in time, or timeliness exempted
     overdue_share: float = 0.0  # the worst closure's overdue time / allowed time
     extensions: int = 0  # approved extensions
     returns: int = 0
@@ -432,7 +432,7 @@ class _Fold:
             closed=closed,
             closed_at=f.get("closed_at") if closed else None,
             due_at=self.effective_due(),
-            on_time=(self.worst <= 0) if closed else None,
+            on_time=(self.worst <= 0 or "timeliness" in self.exempt) if closed else None,
             overdue_share=self.worst if closed else 0.0,
             extensions=int(f.get("extensions", 0)),
             returns=int(f.get("returns", 0)),
@@ -518,8 +518,8 @@ def score_case(facts: CaseFacts, spec: ScoringSpec | None = None) -> CaseScore |
     spec = spec if spec is not None else ScoringSpec()
     if not facts.scored:
         return None
-    timeliness = 1.0 if facts.on_time else curve_value(spec.timeliness_curve,
-                                                       facts.overdue_share)
+    timeliness = 1.0 if facts.overdue_share <= 0 else curve_value(spec.timeliness_curve,
+                                                                  facts.overdue_share)
     kind = resolution_kind(facts, spec)
     raw = {
         "timeliness": _r4(timeliness),
@@ -528,7 +528,7 @@ def score_case(facts: CaseFacts, spec: ScoringSpec | None = None) -> CaseScore |
         "satisfaction": _r4(spec.satisfaction.get(facts.satisfaction or "", 0.0)),
     }
     criteria = {c: (1.0 if c in facts.exempt else raw[c]) for c in CRITERIA}
-    weights: Mapping[str, float] = spec.weights
+    weights: dict[str, float] = {str(k): v for k, v in spec.weights.items()}
     composite = sum(weights.get(c, 0.0) * criteria[c] for c in CRITERIA)
     share = facts.overdue_share
     inputs = {
