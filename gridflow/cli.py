@@ -230,5 +230,331 @@ def demo(directory: str) -> None:
         sys.exit(1)
 
 
+# --------------------------------------------------------------------------- report
+
+
+@main.command()
+@click.option("--db", "db_url", required=True, metavar="URL",
+              help="Database URL, e.g. sqlite:///gridflow.db or postgresql+psycopg://…")
+@click.option("--policy", "policy_dir", type=click.Path(exists=True, file_okay=False),
+              help="Policy directory: new events are folded into the score tables first "
+              "(under this policy version), and units and departments get their names.")
+@click.option("--period", default=None, metavar="PERIOD",
+              help="Cases reported in 2026, 2026-Q1, 2026-03, 2026-W10, 2026-03-09 or "
+              "2026-03-01..2026-03-31 (default: all).")
+@click.option("--by", "by", default="department", show_default=True,
+              help="department, worker, or a level of the organisation (grid, community, "
+              "street, …).")
+@click.option("--as-of", "as_of", default=None, metavar="TIME",
+              help="ISO 8601 time with offset at which open cases are judged "
+              "(default: the latest event).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), metavar="OUT",
+              help="Write the report as JSON ('-': to stdout, instead of the tables).")
+@click.option("--html", "html_out", type=click.Path(dir_okay=False), metavar="OUT",
+              help="Write the report as one self-contained HTML file.")
+def report(db_url: str, policy_dir: str | None, period: str | None, by: str,
+           as_of: str | None, json_out: str | None, html_out: str | None) -> None:
+    """Indicators, rankings and scores of the cases in a database (see docs/scoring.md)."""
+    from datetime import datetime
+
+    from gridflow.indicators import Period, StoreSource, refresh
+    from gridflow.report import build_report, grouping, render, to_html, to_json
+    from gridflow.store import Store
+    from gridflow.store.aggregates import has_aggregate_tables, has_store_tables
+
+    try:
+        chosen = Period.parse(period)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--period") from None
+    when = None
+    if as_of is not None:
+        try:
+            when = datetime.fromisoformat(as_of)
+        except ValueError:
+            raise click.BadParameter(f"{as_of!r} is not an ISO 8601 time",
+                                     param_hint="--as-of") from None
+        if when.tzinfo is None or when.utcoffset() is None:
+            raise click.BadParameter("give a UTC offset, e.g. 2026-03-31T18:00:00+08:00",
+                                     param_hint="--as-of")
+    policy = _load(policy_dir, report=_err) if policy_dir else None
+    try:
+        grouping(by, policy.registry if policy is not None else None)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--by") from None
+    if db_url.startswith("sqlite:///"):  # do not create an empty database file
+        path = db_url.removeprefix("sqlite:///").split("?")[0]
+        if path and path != ":memory:" and not Path(path).exists():
+            raise click.BadParameter(f"no database file {path}", param_hint="--db")
+    try:
+        store = Store(db_url)
+    except Exception as exc:  # a malformed URL or a missing database driver
+        raise click.BadParameter(str(exc), param_hint="--db") from None
+    try:
+        if not has_store_tables(store):
+            _err.print(f"{db_url}: no gridflow tables (run `gridflow db upgrade --db URL` "
+                       "or let an engine create them)", markup=False)
+            sys.exit(1)
+        if policy is not None:
+            refresh(store, policy)
+            source = StoreSource.from_policy(store, policy)
+        elif has_aggregate_tables(store):
+            source = StoreSource(store)
+        else:
+            _err.print("no scores in the database yet: pass --policy DIR to compute them",
+                       markup=False)
+            sys.exit(1)
+        doc = build_report(source, policy=policy, period=chosen, by=by, as_of=when)
+    except (GridflowError, ValueError) as exc:
+        _err.print(str(exc), markup=False)
+        sys.exit(1)
+    finally:
+        store.dispose()
+    if json_out == "-":
+        click.echo(to_json(doc), nl=False)
+    else:
+        render(doc, _out)
+    for out, text in ((json_out, to_json(doc)), (html_out, to_html(doc))):
+        if out is None or out == "-":
+            continue
+        try:
+            Path(out).write_text(text, encoding="utf-8")
+        except OSError as exc:
+            _err.print(f"cannot write {out}: {exc.strerror}", markup=False)
+            sys.exit(1)
+        _err.print(f"wrote {out}", markup=False)
+
+
+# --- replay and generate (BRIEF §10) ------------------------------------------------------
+
+
+def _replay_summary(doc: dict[str, Any]) -> None:
+    inp, r = doc["input"], doc["routing"]
+    _out.print(f"{doc['policy']['name']} (version {doc['policy']['version']}), "
+               f"{doc['mode']} replay of {inp['source']}", markup=False)
+    _out.print(f"rows {inp['rows']:,}: imported {inp['imported']:,}, bad {inp['bad_rows']:,}",
+               markup=False)
+    for e in inp["errors"][:10]:
+        where = f" {e['field']}:" if e["field"] else ""
+        _err.print(f"  row {e['row']}:{where} {e['message']}", markup=False)
+    agreement = r["agreement"]
+    _out.print(
+        f"routing: {r['cases']:,} cases, {r['default_routed']:,} to the default route, "
+        f"{r['errors']:,} errors"
+        + (f"; agreement with the log {agreement * 100:.2f}% of {r['with_actual']:,}"
+           if agreement is not None else ""),
+        markup=False,
+    )
+    if r["confusion"]:
+        table = Table(title="biggest disagreements (actual → routed)")
+        for col in ("actual", "routed", "cases", "share of actual"):
+            table.add_column(col)
+        for c in r["confusion"][:10]:
+            share = c["share_of_actual"]
+            table.add_row(c["actual"], c["routed"], f"{c['count']:,}",
+                          "-" if share is None else f"{share * 100:.1f}%")
+        _out.print(table)
+    life = doc.get("lifecycle")
+    if life is not None:
+        ind = life["indicators"]
+
+        def pct(v: Any) -> str:
+            return "-" if v is None else f"{v * 100:.2f}%"
+
+        _out.print(
+            f"life cycle: {ind['reported']:,} reported, {ind['closed']:,} closed, completion "
+            f"rate {pct(ind['completion_rate'])}, on time {pct(ind['on_time_rate'])}, overdue "
+            f"{pct(ind['overdue_rate'])}, rework {pct(ind['rework_rate'])}, satisfaction "
+            f"{pct(ind['satisfaction_rate'])}, composite {ind['composite']}",
+            markup=False,
+        )
+        if life["errors"]:
+            _out.print(f"  {life['errors']:,} step(s) refused by the engine: "
+                       f"{life['errors_by_step']}", markup=False)
+    cmp_doc = doc.get("compare")
+    if cmp_doc is not None:
+        cr = cmp_doc["routing"]
+        _out.print(f"what-if {cmp_doc['policy']['name']} ({cmp_doc['policy']['version']}): "
+                   f"routing changes {cr['changed']}", markup=False)
+        table = Table(title="cases per lead department")
+        for col in ("department", "before", "after", "change"):
+            table.add_column(col)
+        for d, v in cr["per_department"].items():
+            if v["change"]:
+                table.add_row(d, f"{v['before']:,}", f"{v['after']:,}", f"{v['change']:+,}")
+        _out.print(table)
+        lc = cmp_doc.get("lifecycle")
+        if lc is not None:
+            _out.print(f"life-cycle changes {lc['changed']}", markup=False)
+            table = Table(title="indicators")
+            for col in ("indicator", "before", "after", "change"):
+                table.add_column(col)
+            for k, v in lc["indicators"].items():
+                if v["change"]:
+                    table.add_row(k, str(v["before"]), str(v["after"]), f"{v['change']:+g}")
+            _out.print(table)
+
+
+@main.command("replay")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.argument("cases", type=click.Path(exists=True, dir_okay=False))
+@click.option("--map", "map_file", type=click.Path(exists=True, dir_okay=False),
+              help="Column-mapping file (YAML); default: columns named like the case fields.")
+@click.option("--compare", "compare_dir", type=click.Path(exists=True, file_okay=False),
+              help="A second policy directory: report what would change under it.")
+@click.option("--json", "json_out", metavar="OUT", help="Write the report as JSON ('-': stdout).")
+@click.option("--html", "html_out", metavar="OUT", help="Write the report as an HTML page.")
+@click.option("--db", "db_url", metavar="URL",
+              help="Store the life-cycle replay here (e.g. sqlite:///replay.db); default: memory.")
+@click.option("--mode", type=click.Choice(["auto", "routing", "lifecycle"]), default="auto",
+              show_default=True, help="auto: the life cycle when the log has later steps.")
+@click.option("--on-error", type=click.Choice(["skip", "fail"]), default=None,
+              help="Bad rows: report and skip (default), or stop at the first.")
+@click.option("--until", metavar="TIME",
+              help="Fire timers up to this time (ISO 8601); default: the log's latest time.")
+def replay_cmd(directory: str, cases: str, map_file: str | None, compare_dir: str | None,
+               json_out: str | None, html_out: str | None, db_url: str | None, mode: str,
+               on_error: str | None, until: str | None) -> None:
+    """Replay a case log (CSV/JSONL) through a policy: routing agreement, life cycle and
+    indicators, and with --compare what a rule change would do."""
+    from datetime import datetime
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from gridflow.importer import LogImportError, LogReader, load_mapping
+    from gridflow.replay import replay, to_html, to_json
+    from gridflow.store import Store
+
+    policy = _load(directory, report=_err)
+    other = _load(compare_dir, report=_err) if compare_dir else None
+    mapping = None
+    if map_file:
+        try:
+            mapping = load_mapping(map_file, policy)
+        except DefinitionError as exc:
+            for p in exc.problems:
+                _err.print(str(p), markup=False)
+            sys.exit(1)
+    horizon = None
+    if until:
+        try:
+            horizon = datetime.fromisoformat(until)
+        except ValueError:
+            raise click.BadParameter(f"not an ISO 8601 time: {until}",
+                                     param_hint="--until") from None
+        if horizon.tzinfo is None:
+            horizon = horizon.replace(tzinfo=policy.calendar.timezone)
+    reader = LogReader(cases, mapping, policy=policy,
+                       on_error=on_error)  # type: ignore[arg-type]
+    store = None
+    if db_url:
+        try:
+            store = Store(db_url, outbox=False)
+            store.create_all()
+        except Exception as exc:  # a malformed URL or a missing database driver
+            raise click.BadParameter(str(exc), param_hint="--db") from None
+    bar = Progress(TextColumn("replay"), BarColumn(), TextColumn("{task.fields[rows]} rows"),
+                   TimeRemainingColumn(), console=_err, transient=True,
+                   disable=not _err.is_terminal)
+    task = bar.add_task("replay", total=max(reader.size, 1), rows=0)
+    try:
+        with bar:
+            doc = replay(policy, reader, mode=mode, compare=other,  # type: ignore[arg-type]
+                         store=store, until=horizon,
+                         progress=lambda n: bar.update(task, completed=reader.bytes_read,
+                                                       rows=f"{n:,}"))
+    except LogImportError as exc:
+        _err.print(str(exc), markup=False)
+        sys.exit(1)
+    except GridflowError as exc:
+        _err.print(str(exc), markup=False)
+        sys.exit(1)
+    finally:
+        if store is not None:
+            store.dispose()
+    if json_out == "-":
+        click.echo(to_json(doc), nl=False)
+    else:
+        _replay_summary(doc)
+    for out, render_doc in ((json_out, to_json), (html_out, to_html)):
+        if out is None or out == "-":
+            continue
+        try:
+            Path(out).write_text(render_doc(doc), encoding="utf-8")
+        except OSError as exc:
+            _err.print(f"cannot write {out}: {exc.strerror}", markup=False)
+            sys.exit(1)
+        _err.print(f"wrote {out}", markup=False)
+
+
+@main.command("generate")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.option("--cases", "n_cases", type=click.IntRange(min=0), required=True,
+              help="Number of cases.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
+@click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False),
+              help="Output file (.csv, or .jsonl).")
+@click.option("--start", type=click.DateTime(formats=["%Y-%m-%d"]), default=None,
+              help="First day (YYYY-MM-DD; default 2026-01-01).")
+@click.option("--days", type=click.IntRange(min=1), default=365, show_default=True,
+              help="Length of the period in days.")
+def generate_cmd(directory: str, n_cases: int, seed: int, out_file: str, start: Any,
+                 days: int) -> None:
+    """Write a synthetic case log for a policy (same seed, same file)."""
+    from gridflow.generate import Settings, write_log
+    from gridflow.replay import RouteMemo
+
+    policy = _load(directory, report=_err)
+    try:
+        n = write_log(out_file, policy, n_cases, seed=seed,
+                      start=start.date() if start is not None else None,
+                      settings=Settings(days=days), route=RouteMemo(policy).route)
+    except OSError as exc:
+        _err.print(f"cannot write {out_file}: {exc.strerror}", markup=False)
+        sys.exit(1)
+    _err.print(f"wrote {n:,} cases to {out_file}", markup=False)
+
+
+# --------------------------------------------------------------------------- db
+
+
+@main.group("db")
+def db_group() -> None:
+    """Manage gridflow's database schema (Alembic migrations shipped with gridflow)."""
+
+
+@db_group.command("upgrade")
+@click.option("--db", "db_url", required=True, metavar="URL",
+              help="Database URL, e.g. sqlite:///gridflow.db, "
+              "postgresql+psycopg://user@host/db, mysql+pymysql://user@host/db.")
+@click.option("--prefix", default="gf_", show_default=True,
+              help="Prefix of gridflow's table names.")
+@click.option("--schema", default=None,
+              help="PostgreSQL schema / MariaDB database for the tables (created if missing).")
+@click.option("--revision", default="head", show_default=True,
+              help="Migration to go to.")
+@click.option("--sql", "as_sql", is_flag=True,
+              help="Print the SQL for an empty database instead of running it.")
+def db_upgrade(db_url: str, prefix: str, schema: str | None, revision: str,
+               as_sql: bool) -> None:
+    """Bring the database to the current schema (safe to run from several nodes at once)."""
+    from gridflow.store import upgrade, upgrade_sql
+
+    try:
+        if as_sql:
+            click.echo(upgrade_sql(db_url, prefix=prefix, schema=schema, revision=revision),
+                       nl=False)
+            return
+        at = upgrade(db_url, prefix=prefix, schema=schema, revision=revision)
+    except ValueError as exc:  # a bad prefix/schema name
+        _err.print(str(exc), markup=False)
+        sys.exit(2)
+    except Exception as exc:  # the database said no: one line, no traceback
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        _err.print(f"upgrade failed: {type(exc).__name__}: {first}", markup=False)
+        sys.exit(1)
+    where = f"{schema}." if schema else ""
+    _out.print(f"{where}{prefix}* tables at revision {at}", markup=False)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from gridflow.calendar import BusinessCalendar, Duration, parse_duration
 from gridflow.clock import Clock, SystemClock
@@ -254,10 +254,10 @@ class Engine:
             self._uow = None
             self._moves.clear()
 
-    def _transaction(self, *, readonly: bool = False) -> AbstractContextManager[Any]:
+    def _transaction(self, *, readonly: bool = False) -> AbstractContextManager[StoreTx]:
         uow = self._uow
-        if uow is not None:
-            return uow.transaction(readonly=readonly)
+        if uow is not None:  # it implements the part of StoreTx the engine uses
+            return cast("AbstractContextManager[StoreTx]", uow.transaction(readonly=readonly))
         return self.store.transaction(readonly=readonly)
 
     def _next_state(
@@ -1037,7 +1037,9 @@ class Engine:
         """Supervised cases whose deadline has passed at ``now``."""
         when = now if now is not None else self._now()
         with self._transaction(readonly=True) as tx:
-            records = tx.query_cases(states=SUPERVISED_STATES, due_before=when)
+            # open_only: supervised cases are open; it lets the store use its index of
+            # open cases by deadline
+            records = tx.query_cases(states=SUPERVISED_STATES, due_before=when, open_only=True)
         return [CaseView.from_data(r.data) for r in records]
 
     def near_due(self, within: Duration | str, now: datetime | None = None) -> list[CaseView]:
@@ -1047,7 +1049,8 @@ class Engine:
         span = parse_duration(within) if isinstance(within, str) else within
         horizon = self.policy.calendar.add(when, span)
         with self._transaction(readonly=True) as tx:
-            records = tx.query_cases(states=SUPERVISED_STATES, due_before=horizon)
+            records = tx.query_cases(states=SUPERVISED_STATES, due_before=horizon,
+                                     open_only=True)
         return [
             CaseView.from_data(r.data) for r in records
             if r.due_at is not None and r.due_at > when

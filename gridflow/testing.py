@@ -19,7 +19,15 @@ from gridflow.engine import Engine
 from gridflow.loader import load_policy
 from gridflow.policy import Policy
 
-__all__ = ["gridflow_clock", "gridflow_engine", "gridflow_engine_factory", "gridflow_policy_loader"]
+__all__ = [
+    "gridflow_case_strategy",
+    "gridflow_clock",
+    "gridflow_engine",
+    "gridflow_engine_factory",
+    "gridflow_policy",
+    "gridflow_policy_loader",
+    "gridflow_replay",
+]
 
 #: The policy the ``gridflow_engine`` fixture uses (the example district of the repository).
 EXAMPLE_POLICY = Path(__file__).resolve().parent.parent / "examples" / "wujin"
@@ -73,3 +81,39 @@ def gridflow_engine(gridflow_engine_factory: Callable[..., Engine]) -> Engine:
     """An :class:`Engine` on in-memory SQLite with ``gridflow_clock`` (a ManualClock) and
     the example district policy (examples/wujin, when running from a source checkout)."""
     return gridflow_engine_factory()
+
+
+@pytest.fixture
+def gridflow_policy(gridflow_policy_loader: Callable[[str | Path], Policy]) -> Policy:
+    """The example district policy (examples/wujin, when running from a source checkout)."""
+    return gridflow_policy_loader(EXAMPLE_POLICY)
+
+
+@pytest.fixture
+def gridflow_case_strategy() -> Callable[..., Any]:
+    """``gridflow.strategies.cases``: ``strategy(policy)`` draws valid case documents for a
+    policy (needs Hypothesis; see also ``case_ins`` and ``log_records`` in that module)."""
+    from gridflow.strategies import cases
+
+    return cases
+
+
+@pytest.fixture
+def gridflow_replay(
+    gridflow_policy_loader: Callable[[str | Path], Policy],
+) -> Callable[..., dict[str, Any]]:
+    """Replay a log: ``gridflow_replay(policy_or_dir, log, map=None, **replay_kwargs)``
+    where ``log`` is a CSV/JSONL path or an iterable of ``LogRecord``; returns the report
+    (see :func:`gridflow.replay.replay`). Runs on in-memory SQLite unless ``store=``."""
+    from gridflow.importer import LogReader, load_mapping
+    from gridflow.replay import replay
+
+    def run(policy: str | Path | Policy, log: Any, map: str | Path | None = None,
+            **kwargs: Any) -> dict[str, Any]:
+        loaded = policy if isinstance(policy, Policy) else gridflow_policy_loader(policy)
+        if isinstance(log, str | Path):
+            mapping = load_mapping(map, loaded) if map is not None else None
+            log = LogReader(log, mapping, policy=loaded)
+        return replay(loaded, log, **kwargs)
+
+    return run

@@ -17,7 +17,9 @@ Fixtures:
 * ``concurrent_store`` — file SQLite, PostgreSQL, MariaDB (several connections at once);
 * ``server_store`` — PostgreSQL and MariaDB only;
 * ``postgres_db`` / ``mysql_db`` — the session's :class:`TestDatabase` (URL, schema, engine)
-  for tests that need their own engines or processes.
+  for tests that need their own engines or processes;
+* ``empty_db`` — an empty database on file SQLite, PostgreSQL and MariaDB (a new file, or a
+  new schema/database dropped afterwards): ``(url, schema)`` for migration tests.
 """
 
 from __future__ import annotations
@@ -196,3 +198,32 @@ def server_db(store_backend: str, request: pytest.FixtureRequest) -> TestDatabas
         return None
     db: TestDatabase = request.getfixturevalue(f"{store_backend}_db")
     return db
+
+
+@dataclass(frozen=True)
+class EmptyDatabase:
+    """A database with nothing in it (for migrations): connect to ``url``, use ``schema``."""
+
+    __test__ = False
+
+    backend: str
+    url: str
+    schema: str | None
+
+
+@pytest.fixture(params=CONCURRENT_BACKENDS)
+def empty_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[EmptyDatabase]:
+    backend = str(request.param)
+    if backend == "sqlite-file":
+        yield EmptyDatabase(backend, f"sqlite:///{tmp_path / 'empty.db'}", None)
+        return
+    db: TestDatabase = request.getfixturevalue(f"{backend}_db")
+    schema = f"gf_empty_{uuid.uuid4().hex[:10]}"
+    try:
+        yield EmptyDatabase(backend, db.url, schema)  # the schema is created by the test
+    finally:
+        with db.engine.begin() as conn:
+            if backend == "postgres":
+                conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+            else:
+                conn.exec_driver_sql(f"DROP DATABASE IF EXISTS `{schema}`")

@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
@@ -24,6 +25,7 @@ from gridflow.store import (
     NewEvent,
     Store,
     StoreTx,
+    TransactionConflict,
 )
 
 if TYPE_CHECKING:
@@ -53,7 +55,10 @@ def ev(type_: str = "report", hours: float = 0, **kw: Any) -> NewEvent:
 def count(store: Store, table: str, case_id: str | None = None) -> int:
     t = getattr(store.tables, table)
     stmt = sa.select(sa.func.count()).select_from(t)
-    if case_id is not None:
+    if case_id is not None and table == "outbox":  # the outbox holds event ids only
+        events = store.tables.events
+        stmt = stmt.join(events, events.c.id == t.c.event_id).where(events.c.case_id == case_id)
+    elif case_id is not None:
         stmt = stmt.where(t.c.case_id == case_id)
     with store.transaction(readonly=True) as tx:
         return int(tx.connection.execute(stmt).scalar_one())
@@ -492,12 +497,14 @@ def test_timers_claimed_exactly_once_by_concurrent_workers(concurrent_store: Sto
 
 
 def test_skip_locked_lets_workers_claim_side_by_side(server_store: Store) -> None:
-    """PostgreSQL/MariaDB: while one worker holds its claimed timers (uncommitted), another
-    claims different ones without waiting. (SQLite serializes writers instead.)"""
+    """PostgreSQL/MariaDB: while one worker holds its claimed cases (uncommitted), another
+    claims the timers of other cases without waiting. (SQLite serializes writers.)"""
     store = server_store
     create(store, new_case("a"))
+    create(store, new_case("b"))
     with store.transaction() as tx:
-        tx.set_timers("a", [(f"k{i}", at(i)) for i in range(6)])
+        tx.set_timers("a", [(f"k{i}", at(i)) for i in range(3)])
+        tx.set_timers("b", [(f"k{i}", at(i)) for i in range(3, 6)])
     barrier = threading.Barrier(2)
 
     def worker(_: int) -> list[str]:
@@ -536,15 +543,40 @@ def test_outbox_in_order_and_ack(store: Store) -> None:
     with store.transaction() as tx:
         first_two = tx.outbox_fetch(limit=2)
         assert [m.id for m in first_two] == [m.id for m in msgs[:2]]
-        tx.outbox_ack([m.id for m in first_two], at(2))
+        assert tx.outbox_ack([m.id for m in first_two], at(2)) == 2
     with store.transaction() as tx:
+        assert tx.outbox_pending() == 2
         rest = tx.outbox_fetch()
         assert [m.id for m in rest] == [m.id for m in msgs[2:]]
-        tx.outbox_ack([m.id for m in rest], at(3))
-        tx.outbox_ack([m.id for m in rest], at(9))  # acking twice is harmless
+        assert tx.outbox_ack([m.id for m in rest]) == 2
+        assert tx.outbox_ack([m.id for m in rest]) == 0  # acking twice is harmless
         assert tx.outbox_fetch() == []
-        assert tx.outbox_purge(at(2.5)) == 2
-    assert count(store, "outbox") == 2
+        assert tx.outbox_ack([]) == 0
+        with pytest.raises(CaseValidationError):
+            tx.outbox_fetch(0)
+        with pytest.raises(CaseValidationError):
+            tx.outbox_ack([1], datetime(2025, 1, 1))  # naive
+    assert count(store, "outbox") == 0
+    assert count(store, "events") == 4  # the events stay
+
+
+def test_outbox_rolled_back_publication_comes_again(store: Store) -> None:
+    """At-least-once: a publisher that fails before its commit acknowledges nothing."""
+    create(store, new_case("a"))
+    with pytest.raises(RuntimeError), store.transaction() as tx:
+        got = tx.outbox_fetch()
+        tx.outbox_ack([m.id for m in got])
+        raise RuntimeError("broker down")
+    sent: list[list[int]] = []
+
+    def fail(messages: list[Any]) -> None:
+        raise RuntimeError("broker down")
+
+    with pytest.raises(RuntimeError):
+        store.publish_outbox(fail)
+    assert store.publish_outbox(lambda ms: sent.append([m.seq for m in ms])) == 1
+    assert store.publish_outbox(lambda ms: sent.append([m.seq for m in ms])) == 0
+    assert sent == [[1]]
 
 
 def test_outbox_fetch_keeps_case_order_across_publishers(server_store: Store) -> None:
@@ -781,3 +813,162 @@ def test_transaction_type() -> None:
         assert "sqlite" in repr(s)
     with pytest.raises(TypeError):
         Store(42)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------ case cache
+
+
+def test_cached_rows_are_checked_against_the_database(tmp_path: Path) -> None:
+    """SQLite keeps the rows it wrote; another writer (a second store, another process)
+    moves the version on, and the next read sees the database, not the cache."""
+    url = f"sqlite:///{tmp_path / 'cache.db'}"
+    with Store(url) as mine, Store(url) as other:
+        mine.create_all()
+        assert mine._cache is not None
+        create(mine, new_case("c1"))
+        with other.transaction() as tx:
+            rec = tx.require_case("c1")
+            rec.state, rec.data = "filed", {"by": "other"}
+            tx.append(rec, 1, [ev("file", 1)])
+        with mine.transaction() as tx:
+            got = tx.require_case("c1")
+            assert (got.version, got.state, got.data) == (2, "filed", {"by": "other"})
+            got.data["changed"] = True  # callers get their own copy
+            got.state = "mutated"
+        with mine.transaction() as tx:
+            again = tx.require_case("c1")
+            assert (again.state, again.data) == ("filed", {"by": "other"})
+            again.state = "handling"
+            tx.append(again, 2, [ev("accept", 2)])
+        with pytest.raises(RuntimeError), mine.transaction() as tx:  # rolled back
+            rec = tx.require_case("c1")
+            rec.state = "ghost"
+            tx.append(rec, 3, [ev("ghost", 3)])
+            raise RuntimeError("abort")
+        with mine.transaction() as tx:
+            assert tx.require_case("c1").state == "handling"
+            assert [e.type for e in tx.history("c1")] == ["report", "file", "accept"]
+        with other.transaction() as tx:
+            assert tx.require_case("c1").version == 3
+
+
+def test_no_cache_under_a_host_transaction(store: Store, server_db: TestDatabase | None) -> None:
+    engine, owned = _host_engine(store, server_db)
+    try:
+        with engine.connect() as conn:
+            assert Store(conn, schema=store.tables.schema)._cache is None
+        assert Store(engine, schema=store.tables.schema, case_cache=0)._cache is None
+    finally:
+        if owned:
+            engine.dispose()
+
+
+def test_store_connections_per_thread(tmp_path: Path) -> None:
+    """A file SQLite store with its own engine keeps a connection per thread; a read
+    inside a write transaction on the same thread uses another one."""
+    with Store(f"sqlite:///{tmp_path / 't.db'}") as store:
+        store.create_all()
+        create(store, new_case("c1"))
+        with store.transaction() as tx:
+            rec = tx.require_case("c1")
+            rec.state = "filed"
+            tx.append(rec, 1, [ev("file", 1)])
+            with store.transaction(readonly=True) as inner:  # not yet committed
+                assert inner.require_case("c1").version == 1
+        results = run_threads(4, lambda i: count(store, "events", "c1"))
+        assert results == [2, 2, 2, 2]
+
+
+# ------------------------------------------------------------------------ conflicts
+
+
+def test_busy_database_is_a_transaction_conflict(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'busy.db'}"
+    with Store(url) as first, Store.from_url(url, connect_args={"timeout": 0.2}) as second:
+        first.create_all()
+        with first.transaction(), pytest.raises(TransactionConflict) as info, \
+                second.transaction():
+            pass
+        assert isinstance(info.value, ConcurrencyConflict)
+        assert "locked" in info.value.detail
+        with second.transaction() as tx:  # the lock is gone, and so is the conflict
+            tx.insert_case(new_case("after"), [ev()])
+
+
+def test_deadlock_is_a_transaction_conflict(server_store: Store) -> None:
+    """Two transactions lock two cases in opposite orders: the database aborts one of
+    them; it surfaces as TransactionConflict (retry), the other commits."""
+    store = server_store
+    create(store, new_case("a"))
+    create(store, new_case("b"))
+    barrier = threading.Barrier(2)
+
+    def worker(i: int) -> str:
+        first, second = ("a", "b") if i == 0 else ("b", "a")
+        with store.transaction() as tx:
+            tx.require_case(first, for_update=True)
+            barrier.wait(timeout=20)
+            tx.require_case(second, for_update=True)
+        return "committed"
+
+    results = run_threads(2, worker)
+    assert sorted(type(r).__name__ for r in results) == ["TransactionConflict", "str"]
+    conflict = next(r for r in results if isinstance(r, TransactionConflict))
+    assert conflict.detail == "deadlock"
+
+
+def test_lists_and_due_timers_use_the_partial_indexes(tmp_path: Path) -> None:
+    """SQLite uses a partial index only when the query implies its condition: check the
+    plans of the real queries (bound parameters included)."""
+    with Store(f"sqlite:///{tmp_path / 'plans.db'}") as store:
+        store.create_all()
+
+        def plan(stmt: Any) -> str:
+            def explain(conn: Any, cursor: Any, sql: str, params: Any, context: Any,
+                        many: bool) -> tuple[str, Any]:
+                return "EXPLAIN QUERY PLAN " + sql, params
+
+            with store.transaction(readonly=True) as tx:
+                sa.event.listen(tx.connection, "before_cursor_execute", explain, retval=True)
+                try:
+                    rows = tx.connection.execute(stmt).context.cursor.fetchall()
+                finally:
+                    sa.event.remove(tx.connection, "before_cursor_execute", explain)
+            return " | ".join(str(r[3]) for r in rows)
+
+        with store.transaction(readonly=True) as tx:
+            q = tx._cases_query
+            common: dict[str, Any] = dict(
+                pool=None, unit=None, handler=None, warn_before=None, limit=None,
+                order_by_due=True,
+            )
+            overdue = q(states=["dispatched", "handling"], lead_department=None,
+                        due_before=at(5), open_only=True, **common)
+            worklist = q(states=["handling"], lead_department="城管局", due_before=None,
+                         open_only=False, **common)
+        assert "USING INDEX ix_gf_cases_closed_at_due_at" in plan(overdue)
+        assert "USING INDEX ix_gf_cases_lead_department" in plan(worklist)
+        due = store._stmts.due_timers.params(b_now=at(5), b_limit=10)
+        assert "INDEX ix_gf_timers_fired_at_due_at" in plan(due)
+
+
+def test_many_threads_on_one_sqlite_store(tmp_path: Path) -> None:
+    """One connection per thread, and no pool limit to run into (the default pool holds
+    15): 24 threads each advance their own case."""
+    with Store(f"sqlite:///{tmp_path / 'threads.db'}") as store:
+        store.create_all()
+        for i in range(24):
+            create(store, new_case(f"t{i}"))
+        barrier = threading.Barrier(24)
+
+        def advance(i: int) -> int:
+            with store.transaction(readonly=True) as tx:  # every thread holds a connection
+                rec = tx.require_case(f"t{i}")
+                barrier.wait(timeout=30)
+            for step in range(3):
+                with store.transaction() as tx:
+                    rec = tx.require_case(f"t{i}")
+                    tx.append(rec, rec.version, [ev(f"s{step}", step)])
+            return rec.version
+
+        assert run_threads(24, advance) == [4] * 24

@@ -3,36 +3,36 @@
 One :class:`Store` is bound to a database (an engine it creates, or the host's engine,
 connection or session). All work happens in :meth:`Store.transaction`, which yields a
 :class:`StoreTx`: one database transaction that commits when the block ends and rolls
-back on any exception. Statements are SQLAlchemy Core, built once per store; on SQLite
-the four statements of a command (read the case, update it, insert its events and outbox
-rows) are compiled once by SQLAlchemy and run directly on the ``sqlite3`` connection, which
-halves their cost (they then bypass SQLAlchemy's cursor events and ``echo`` logging).
+back on any exception. Statements are SQLAlchemy Core, built once per store
+(:mod:`gridflow.store.statements`); on SQLite the hot statements of a command run
+directly on the ``sqlite3`` connection, a file database keeps one connection per thread,
+and recently used case rows are cached (:mod:`gridflow.store.cache`).
 
 Concurrency: ``append`` updates the case row only when its ``version`` is the one the
 caller read (``ConcurrencyConflict`` otherwise), then inserts the events with the next
-sequence numbers and their outbox rows. Timers and outbox rows are claimed with
-``SELECT … FOR UPDATE SKIP LOCKED`` on PostgreSQL and MariaDB ≥ 10.6 / MySQL ≥ 8; on
-SQLite a gridflow transaction takes the write lock up front (``BEGIN IMMEDIATE``), so
-writers are serialized.
+sequence numbers and their outbox rows. Row locks are always taken in one order — the
+case row, then its timers — so commands and ticks never deadlock each other; due timers
+and outbox rows are shared out among workers with ``SELECT … FOR UPDATE SKIP LOCKED`` on
+PostgreSQL and MariaDB ≥ 10.6 / MySQL ≥ 8. On SQLite a gridflow transaction takes the
+write lock up front (``BEGIN IMMEDIATE``), so writers are serialized. Should the database
+still abort a transaction (deadlock, serialization failure, lock or busy timeout), the
+store raises :class:`TransactionConflict`, a :class:`ConcurrencyConflict`: retry.
 """
 
 from __future__ import annotations
 
-import json
+import operator
+import os
 import sqlite3
-from collections.abc import Collection, Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
-from sqlalchemy import event as sa_event
-from sqlalchemy.dialects import postgresql as pg_dialect
-from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, StatementError
 from sqlalchemy.orm import Session
-from sqlalchemy.pool import StaticPool
 
 from gridflow.errors import (
     CaseNotFound,
@@ -41,6 +41,15 @@ from gridflow.errors import (
     FieldError,
     GridflowRuntimeError,
 )
+from gridflow.store.cache import CachedCase, CaseCache
+from gridflow.store.connect import (
+    Caps,
+    ThreadConnections,
+    family,
+    is_memory_sqlite,
+    make_engine,
+)
+from gridflow.store.migrate import version_table
 from gridflow.store.records import (
     CaseRecord,
     EventRecord,
@@ -48,50 +57,21 @@ from gridflow.store.records import (
     OutboxMessage,
     TimerRecord,
 )
-from gridflow.store.tables import MAX_LENGTHS, StoreTables, build_tables
+from gridflow.store.statements import (
+    CASE_SCALARS,
+    EVENT_COLUMNS,
+    SqliteFast,
+    Statements,
+    encode_json,
+    time_to_sqlite,
+    unstorable,
+)
+from gridflow.store.tables import MAX_LENGTHS, build_tables
 
-__all__ = ["IdempotencyConflict", "Store", "StoreTx", "make_engine"]
+__all__ = ["IdempotencyConflict", "Store", "StoreTx", "TransactionConflict", "make_engine"]
 
 Bind = Engine | Connection | Session | str | URL | None
 
-_CASE_FIELDS = (  # the order of CaseRecord's fields
-    "case_id",
-    "version",
-    "state",
-    "data",
-    "idempotency_key",
-    "category",
-    "unit",
-    "lead_department",
-    "pool",
-    "handler",
-    "tier",
-    "due_at",
-    "warn_at",
-    "reported_at",
-    "dispatched_at",
-    "closed_at",
-    "policy_version",
-    "updated_at",
-)
-# Columns an append may leave alone when they did not change (SQLite then rewrites no index
-# entry for them); version, data and updated_at are always written.
-_CASE_SCALARS = (
-    "state",
-    "idempotency_key",
-    "category",
-    "unit",
-    "lead_department",
-    "pool",
-    "handler",
-    "tier",
-    "due_at",
-    "warn_at",
-    "reported_at",
-    "dispatched_at",
-    "closed_at",
-    "policy_version",
-)
 _CASE_STR_FIELDS = (
     "idempotency_key",
     "category",
@@ -128,262 +108,44 @@ class IdempotencyConflict(ConcurrencyConflict):
         self.actual_version = existing_version
 
 
-def _dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+class TransactionConflict(ConcurrencyConflict):
+    """The database aborted the transaction because of concurrent work (a deadlock, a
+    serialization failure, a lock wait or SQLite busy timeout). Nothing was written;
+    retry. ``detail`` says which; ``case_id`` is empty (the database does not say)."""
 
-
-def _family(dialect: sa.engine.Dialect) -> str:
-    return "mysql" if dialect.name in ("mysql", "mariadb") else dialect.name
-
-
-def _is_memory_sqlite(url: URL) -> bool:
-    db = url.database or ""
-    return db in ("", ":memory:") or url.query.get("mode") == "memory"
-
-
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    cur = dbapi_connection.cursor()
-    try:
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA synchronous=NORMAL")
-        cur.execute("PRAGMA foreign_keys=ON")
-        # checkpoint every ~40 MB of WAL instead of ~4 MB: each checkpoint fsyncs, and hot
-        # pages (indexes, the case table) are copied once per checkpoint, not per commit
-        cur.execute("PRAGMA wal_autocheckpoint=10000")
-    finally:
-        cur.close()
-
-
-def _sqlite_memory_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    cur = dbapi_connection.cursor()
-    try:
-        cur.execute("PRAGMA foreign_keys=ON")
-    finally:
-        cur.close()
-
-
-def make_engine(url: str | URL | None = None, **kw: Any) -> Engine:
-    """An engine configured the way gridflow wants it (what ``Store(url)`` uses).
-
-    * ``None`` / ``sqlite://``: in-memory SQLite on one shared connection (``StaticPool``;
-      single-threaded use only);
-    * SQLite file: WAL journal (checkpoint every 10,000 pages), ``synchronous=NORMAL``,
-      foreign keys on, 30 s busy timeout;
-    * MariaDB/MySQL: ``charset=utf8mb4`` and ``READ COMMITTED`` isolation;
-    * every backend: JSON written as UTF-8 text (Chinese stays readable in the database).
-
-    Keyword arguments go to :func:`sqlalchemy.create_engine` and win over these defaults.
-    """
-    u = sa.make_url(url if url is not None else "sqlite://")
-    family = "mysql" if u.get_backend_name() in ("mysql", "mariadb") else u.get_backend_name()
-    opts: dict[str, Any] = {"json_serializer": _dumps}
-    listener: Any = None
-    if family == "sqlite":
-        if _is_memory_sqlite(u):
-            opts["poolclass"] = StaticPool
-            opts["connect_args"] = {"check_same_thread": False}
-            listener = _sqlite_memory_pragmas
-        else:
-            opts["connect_args"] = {"timeout": 30.0}
-            listener = _sqlite_pragmas
-    elif family == "mysql":
-        if "charset" not in u.query:
-            u = u.update_query_dict({"charset": "utf8mb4"})
-        opts["isolation_level"] = "READ COMMITTED"
-        opts["pool_recycle"] = 3600
-    opts.update(kw)
-    engine = sa.create_engine(u, **opts)
-    if listener is not None:
-        sa_event.listen(engine, "connect", listener)
-    return engine
-
-
-class _Caps:
-    """What the connected database supports (worked out once per store)."""
-
-    def __init__(self, dialect: sa.engine.Dialect):
-        self.family = _family(dialect)
-        version = tuple(dialect.server_version_info or ())
-        if self.family == "postgresql":
-            self.skip_locked = version >= (9, 5)
-        elif self.family == "mysql":
-            is_mariadb = bool(getattr(dialect, "is_mariadb", False))
-            self.skip_locked = version >= ((10, 6) if is_mariadb else (8, 0, 1))
-        else:
-            self.skip_locked = False
-        self.row_locks = self.family in ("postgresql", "mysql")
-        self.multi_returning = bool(
-            getattr(dialect, "insert_executemany_returning_sort_by_parameter_order", False)
+    def __init__(self, detail: str, case_id: str = ""):
+        GridflowRuntimeError.__init__(
+            self, f"the database aborted the transaction ({detail}); retry"
         )
+        self.detail = detail
+        self.case_id = case_id
+        self.expected_version = 0
+        self.actual_version = None
 
 
-class _Statements:
-    """Core statements built once per store (SQLAlchemy caches their compiled form)."""
-
-    def __init__(self, t: StoreTables):
-        c, e, tm, o = t.cases, t.events, t.timers, t.outbox
-        bp = sa.bindparam
-        self.case_columns = [c.c[name] for name in _CASE_FIELDS]
-        self.select_case = sa.select(*self.case_columns).where(c.c.case_id == bp("b_case_id"))
-        self.select_case_locked = self.select_case.with_for_update()
-        self.select_version = sa.select(c.c.version).where(c.c.case_id == bp("b_case_id"))
-        self.select_by_key = sa.select(*self.case_columns).where(
-            c.c.idempotency_key == bp("b_key")
-        )
-        self.select_key_owner = sa.select(c.c.case_id, c.c.version).where(
-            c.c.idempotency_key == bp("b_key")
-        )
-        self.insert_case = sa.insert(c)
-        # rowcount tells whether ON CONFLICT DO NOTHING inserted the row
-        self.insert_case_pg = (
-            pg_dialect.insert(c).on_conflict_do_nothing().execution_options(preserve_rowcount=True)
-        )
-        self.insert_case_sqlite = (
-            sqlite_dialect.insert(c)
-            .on_conflict_do_nothing()
-            .execution_options(preserve_rowcount=True)
-        )
-        self.update_case = sa.update(c).where(
-            c.c.case_id == bp("b_case_id"), c.c.version == bp("b_expected")
-        )
-        self.insert_event = sa.insert(e)
-        self.insert_events_returning = sa.insert(e).returning(
-            e.c.id, sort_by_parameter_order=True
-        )
-        self.insert_outbox = sa.insert(o)
-        self.history = (
-            sa.select(
-                e.c.id, e.c.case_id, e.c.seq, e.c.type, e.c.actor_id, e.c.actor_role,
-                e.c.at, e.c.reason, e.c.payload, e.c.policy_version,
-            )
-            .where(e.c.case_id == bp("b_case_id"))
-            .order_by(e.c.seq)
-        )
-        self.case_timers = sa.select(tm.c.id, tm.c.kind, tm.c.due_at, tm.c.fired_at).where(
-            tm.c.case_id == bp("b_case_id")
-        )
-        self.delete_timers = sa.delete(tm).where(
-            tm.c.id.in_(bp("b_ids", expanding=True)), tm.c.fired_at.is_(None)
-        )
-        self.insert_timer = sa.insert(tm)
-        due = (
-            sa.select(tm.c.id, tm.c.case_id, tm.c.kind, tm.c.due_at)
-            .where(tm.c.fired_at.is_(None), tm.c.due_at <= bp("b_now", type_=tm.c.due_at.type))
-            .order_by(tm.c.due_at, tm.c.id)
-            .limit(bp("b_limit", type_=sa.Integer))
-        )
-        self.due_timers = due
-        self.due_timers_locked = due.with_for_update()
-        self.due_timers_skip = due.with_for_update(skip_locked=True)
-        self.fire_timers = (
-            sa.update(tm)
-            .where(tm.c.id.in_(bp("b_ids", expanding=True)), tm.c.fired_at.is_(None))
-            .values(fired_at=bp("b_now", type_=tm.c.fired_at.type))
-        )
-        pending = (
-            sa.select(
-                o.c.id, o.c.event_id, o.c.case_id, o.c.seq, o.c.type, o.c.payload, o.c.created_at
-            )
-            .where(o.c.published_at.is_(None))
-            .order_by(o.c.id)
-            .limit(bp("b_limit", type_=sa.Integer))
-        )
-        self.outbox_pending = pending
-        self.outbox_pending_skip = pending.with_for_update(skip_locked=True)
-        self.outbox_unpublished_of = (
-            sa.select(o.c.case_id, o.c.seq)
-            .where(
-                o.c.published_at.is_(None),
-                o.c.case_id.in_(bp("b_case_ids", expanding=True)),
-                o.c.seq <= bp("b_max_seq", type_=sa.Integer),
-            )
-            .order_by(o.c.case_id, o.c.seq)
-        )
-        self.outbox_ack = (
-            sa.update(o)
-            .where(o.c.id.in_(bp("b_ids", expanding=True)), o.c.published_at.is_(None))
-            .values(published_at=bp("b_at", type_=o.c.published_at.type))
-        )
-        self.outbox_purge = sa.delete(o).where(
-            o.c.published_at.is_not(None),
-            o.c.published_at < bp("b_before", type_=o.c.published_at.type),
-        )
+_PG_RETRYABLE = {
+    "40001": "serialization failure",
+    "40P01": "deadlock",
+    "55P03": "lock not available",
+}
+_MYSQL_RETRYABLE = {1213: "deadlock", 1205: "lock wait timeout"}
+_SQLITE_BUSY = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED
 
 
-class _Compiled:
-    """A statement compiled for one dialect, run straight on the DBAPI cursor."""
-
-    __slots__ = ("names", "procs", "sql")
-
-    def __init__(self, stmt: Any, dialect: sa.engine.Dialect, column_keys: Sequence[str] | None):
-        compiled = stmt.compile(dialect=dialect, column_keys=column_keys)
-        self.sql = str(compiled)
-        self.names: tuple[str, ...] = tuple(compiled.positiontup or ())
-        procs: list[Any] = []
-        for name in self.names:
-            bind = compiled.binds[name]
-            procs.append(bind.type.dialect_impl(dialect).bind_processor(dialect))
-        self.procs: tuple[Any, ...] = tuple(procs)
-
-    def args(self, params: Mapping[str, Any]) -> tuple[Any, ...]:
-        return tuple(
-            params[n] if p is None else p(params[n])
-            for n, p in zip(self.names, self.procs, strict=True)
-        )
-
-
-class _SqliteFast:
-    """The hot statements of a command (read case, update it, insert events and outbox
-    rows) executed directly on the ``sqlite3`` connection.
-
-    SQLAlchemy still writes the SQL (compiled once from the same Core statements) and
-    converts every value (the same type processors Core uses); this only skips the
-    per-execution machinery, which on SQLite costs more than the database work itself.
-    """
-
-    def __init__(self, stmts: _Statements, t: StoreTables, dialect: sa.engine.Dialect):
-        self.dialect = dialect
-        self.select_case = _Compiled(stmts.select_case, dialect, None)
-        self.case_results = tuple(
-            col.type.dialect_impl(dialect).result_processor(dialect, None)
-            for col in stmts.select_case.selected_columns
-        )
-        self.insert_case = _Compiled(stmts.insert_case_sqlite, dialect, _CASE_FIELDS)
-        self.insert_event = _Compiled(sa.insert(t.events), dialect, _EVENT_COLUMNS)
-        self.insert_outbox = _Compiled(sa.insert(t.outbox), dialect, _OUTBOX_COLUMNS)
-        self._updates: dict[tuple[str, ...], _Compiled] = {}
-        self._update_stmt = stmts.update_case
-
-    def update(self, columns: tuple[str, ...]) -> _Compiled:
-        entry = self._updates.get(columns)
-        if entry is None:
-            entry = self._updates[columns] = _Compiled(self._update_stmt, self.dialect, columns)
-        return entry
-
-    def run(self, raw: sqlite3.Connection, stmt: _Compiled, params: Mapping[str, Any]) -> Any:
-        try:
-            args = stmt.args(params)
-        except (TypeError, ValueError) as exc:
-            raise _unstorable(exc) from exc
-        try:
-            return raw.execute(stmt.sql, args)
-        except sqlite3.Error as exc:
-            raise DBAPIError.instance(
-                stmt.sql, args, exc, sqlite3.Error, dialect=self.dialect
-            ) from exc
-
-    def case_from_row(self, row: Sequence[Any]) -> CaseRecord:
-        values: list[Any] = [
-            v if p is None else p(v) for v, p in zip(row, self.case_results, strict=True)
-        ]
-        return CaseRecord(*values)
-
-
-_EVENT_COLUMNS = (
-    "case_id", "seq", "type", "actor_id", "actor_role", "at", "reason", "payload",
-    "policy_version",
-)
-_OUTBOX_COLUMNS = ("event_id", "case_id", "seq", "type", "payload", "created_at", "published_at")
+def _retryable(fam: str, exc: DBAPIError) -> str | None:
+    """Why the database aborted the transaction, when it is worth a retry."""
+    orig = exc.orig
+    if fam == "postgresql":
+        return _PG_RETRYABLE.get(str(getattr(orig, "sqlstate", "") or ""))
+    if fam == "mysql":
+        args = getattr(orig, "args", ())
+        code = args[0] if args and isinstance(args[0], int) else None
+        return None if code is None else _MYSQL_RETRYABLE.get(code)
+    if isinstance(orig, sqlite3.OperationalError) and (
+        getattr(orig, "sqlite_errorcode", None) in _SQLITE_BUSY or "locked" in str(orig)
+    ):
+        return "database is locked"
+    return None
 
 
 # ---------------------------------------------------------------------------- validation
@@ -420,7 +182,7 @@ def _check_time(errors: list[FieldError], name: str, value: object, *, required:
 
 
 def _validate_case(
-    record: CaseRecord, fields: Collection[str] = _CASE_SCALARS
+    record: CaseRecord, fields: Collection[str] = CASE_SCALARS
 ) -> list[FieldError]:
     """Check ``case_id``, ``data`` and the named scalar columns (all by default)."""
     errors: list[FieldError] = []
@@ -467,9 +229,10 @@ def _event_from_row(row: Sequence[Any]) -> EventRecord:
     return EventRecord(*row)
 
 
-def _unstorable(exc: BaseException) -> CaseValidationError:
-    return CaseValidationError(
-        [FieldError("data/payload", f"cannot be stored as JSON: {exc}")], source="store"
+def _outbox_message(row: Sequence[Any]) -> OutboxMessage:
+    event = EventRecord(*row)
+    return OutboxMessage(
+        event.id, event.id, event.case_id, event.seq, event.type, event.to_dict(), event.at
     )
 
 
@@ -480,32 +243,54 @@ def _new_id(result: sa.CursorResult[Any]) -> int:
     return int(pk[0])
 
 
+_SCALARS = operator.attrgetter(*CASE_SCALARS)
+
+
+def _json_text(value: Any) -> str:
+    try:
+        return encode_json(value)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise unstorable(exc) from exc
+
+
+def _data_text(record: CaseRecord) -> str:
+    return _json_text(record.data)
+
+
 # ---------------------------------------------------------------------------- transaction
 
 
 class StoreTx:
     """Operations inside one database transaction (obtained from :meth:`Store.transaction`)."""
 
-    __slots__ = ("_caps", "_conn", "_fast", "_outbox", "_raw", "_s", "_seen", "_t")
+    __slots__ = (
+        "_cache", "_caps", "_conn", "_fast", "_new_cached", "_outbox", "_raw", "_s", "_seen",
+        "_t", "_touched",
+    )
 
     def __init__(
         self,
         store: Store,
         conn: Connection,
-        caps: _Caps,
-        fast: tuple[_SqliteFast, sqlite3.Connection] | None = None,
+        caps: Caps,
+        fast: tuple[SqliteFast, sqlite3.Connection] | None = None,
     ):
         self._conn = conn
         self._s = store._stmts
         self._t = store.tables
         self._caps = caps
         self._outbox = store.outbox
-        self._fast: _SqliteFast | None = None
+        self._fast: SqliteFast | None = None
         self._raw: sqlite3.Connection | None = None
+        self._cache: CaseCache | None = None
         if fast is not None:
             self._fast, self._raw = fast
-        # case_id -> (version, _CASE_SCALARS values) as last read or written here
+            self._cache = store._cache
+        # case_id -> (version, CASE_SCALARS values) as last read or written here
         self._seen: dict[str, tuple[int, tuple[Any, ...]]] = {}
+        # rows to cache when the transaction commits; ids to forget if it rolls back
+        self._new_cached: dict[str, CachedCase] = {}
+        self._touched: set[str] = set()
 
     @property
     def connection(self) -> Connection:
@@ -518,8 +303,7 @@ class StoreTx:
         """The case, or ``None``. ``for_update`` also locks its row (PostgreSQL/MariaDB)."""
         fast, raw = self._fast, self._raw
         if fast is not None and raw is not None:
-            row = fast.run(raw, fast.select_case, {"b_case_id": case_id}).fetchone()
-            record = None if row is None else fast.case_from_row(row)
+            record = self._get_case_sqlite(fast, raw, case_id)
         else:
             stmt = self._s.select_case_locked if for_update and self._caps.row_locks else (
                 self._s.select_case
@@ -530,11 +314,27 @@ class StoreTx:
             self._remember(record)
         return record
 
+    def _get_case_sqlite(
+        self, fast: SqliteFast, raw: sqlite3.Connection, case_id: str
+    ) -> CaseRecord | None:
+        cache = self._cache
+        if cache is not None:
+            self._touched.add(case_id)
+            hit = cache.get(case_id)
+            if hit is not None:
+                found = fast.execute(raw, fast.select_version.sql, (case_id,)).fetchone()
+                if found is not None and found[0] == hit.version:
+                    return hit.record()
+        row = fast.execute(raw, fast.select_case.sql, (case_id,)).fetchone()
+        if row is None:
+            return None
+        record = fast.case_from_row(row)
+        if cache is not None:
+            self._new_cached[case_id] = CachedCase.of(record, row[3])
+        return record
+
     def _remember(self, record: CaseRecord) -> None:
-        self._seen[record.case_id] = (
-            record.version,
-            tuple(getattr(record, name) for name in _CASE_SCALARS),
-        )
+        self._seen[record.case_id] = (record.version, _SCALARS(record))
 
     def require_case(self, case_id: str, *, for_update: bool = False) -> CaseRecord:
         record = self.get_case(case_id, for_update=for_update)
@@ -564,16 +364,18 @@ class StoreTx:
             )
         _raise_invalid(errors)
         values = self._case_values(record, events[-1].at.astimezone(UTC))
-        family = self._caps.family
+        fam = self._caps.family
         fast, raw = self._fast, self._raw
+        text: str | None = None
         if fast is not None and raw is not None:
+            text = values["data"] = _data_text(record)
             inserted = fast.run(raw, fast.insert_case, values).rowcount == 1
-        elif family in ("postgresql", "sqlite"):
-            stmt = self._s.insert_case_pg if family == "postgresql" else self._s.insert_case_sqlite
+        elif fam in ("postgresql", "sqlite"):
+            stmt = self._s.insert_case_pg if fam == "postgresql" else self._s.insert_case_sqlite
             inserted = self._execute_write(stmt, values).rowcount == 1
         else:
             # MariaDB/MySQL roll back just the failed statement; others need a savepoint.
-            guard = nullcontext() if family == "mysql" else self._conn.begin_nested()
+            guard = nullcontext() if fam == "mysql" else self._conn.begin_nested()
             try:
                 with guard:
                     self._execute_write(self._s.insert_case, values)
@@ -585,6 +387,9 @@ class StoreTx:
         written = self._write_events(record.case_id, 0, events)
         record.updated_at = values["updated_at"]
         self._remember(record)
+        if text is not None and self._cache is not None:
+            self._touched.add(record.case_id)
+            self._new_cached[record.case_id] = CachedCase.of(record, text)
         return written
 
     def append(
@@ -595,34 +400,38 @@ class StoreTx:
         :class:`CaseNotFound`). Sets ``record.version`` to ``expected_version + len(events)``.
         """
         new_version = expected_version + len(events)
-        scalars = tuple(getattr(record, name) for name in _CASE_SCALARS)
+        scalars = _SCALARS(record)
         seen = self._seen.get(record.case_id)
         if seen is not None and seen[0] == expected_version:
             # Only what changed since this transaction read (or wrote) the case is checked
             # and written: unchanged indexed columns then cost no index maintenance.
             changed = tuple(
                 name
-                for name, old, new in zip(_CASE_SCALARS, seen[1], scalars, strict=True)
+                for name, old, new in zip(CASE_SCALARS, seen[1], scalars, strict=True)
                 if old != new or type(old) is not type(new)
             )
         else:
-            changed = _CASE_SCALARS
+            changed = CASE_SCALARS
         errors = _validate_case(record, changed)
         _validate_events(events, errors)
         _raise_invalid(errors)
         columns = ("version", "data", "updated_at", *changed)
         values: dict[str, Any] = {name: getattr(record, name) for name in changed}
         values["version"] = new_version
-        values["data"] = record.data
         values["updated_at"] = events[-1].at.astimezone(UTC)
         values["b_case_id"] = record.case_id
         values["b_expected"] = expected_version
         fast, raw = self._fast, self._raw
+        text: str | None = None
         if fast is not None and raw is not None:
+            text = values["data"] = _data_text(record)
             rowcount = fast.run(raw, fast.update(columns), values).rowcount
         else:
+            values["data"] = record.data
             rowcount = self._execute_write(self._s.update_case, values).rowcount
         if rowcount != 1:
+            if self._cache is not None:
+                self._touched.add(record.case_id)
             actual = self._conn.execute(
                 self._s.select_version, {"b_case_id": record.case_id}
             ).scalar()
@@ -631,8 +440,11 @@ class StoreTx:
             raise ConcurrencyConflict(record.case_id, expected_version, actual)
         self._seen[record.case_id] = (new_version, scalars)
         written = self._write_events(record.case_id, expected_version, events)
-        record.version = expected_version + len(events)
+        record.version = new_version
         record.updated_at = values["updated_at"]
+        if text is not None and self._cache is not None:
+            self._touched.add(record.case_id)
+            self._new_cached[record.case_id] = CachedCase.of(record, text)
         return written
 
     def history(self, case_id: str) -> list[EventRecord]:
@@ -660,6 +472,27 @@ class StoreTx:
         no such time; ``open_only`` keeps cases with no ``closed_at``. Ordered by
         ``due_at`` (cases without one last) then ``case_id``, or by ``case_id`` alone.
         """
+        stmt = self._cases_query(
+            states=states, lead_department=lead_department, pool=pool, unit=unit,
+            handler=handler, due_before=due_before, warn_before=warn_before,
+            open_only=open_only, limit=limit, order_by_due=order_by_due,
+        )
+        return [_case_from_row(r) for r in self._conn.execute(stmt)]
+
+    def _cases_query(
+        self,
+        *,
+        states: Collection[str] | None,
+        lead_department: str | None,
+        pool: str | None,
+        unit: str | None,
+        handler: str | None,
+        due_before: datetime | None,
+        warn_before: datetime | None,
+        open_only: bool,
+        limit: int | None,
+        order_by_due: bool,
+    ) -> sa.Select[Any]:
         c = self._t.cases
         stmt = sa.select(*self._s.case_columns)
         if states is not None:
@@ -683,7 +516,7 @@ class StoreTx:
         stmt = stmt.order_by(c.c.case_id)
         if limit is not None:
             stmt = stmt.limit(limit)
-        return [_case_from_row(r) for r in self._conn.execute(stmt)]
+        return stmt
 
     def iter_cases(self, batch: int = 1000) -> Iterator[CaseRecord]:
         """Every case in ``case_id`` order, fetched ``batch`` rows at a time (keyset paging)."""
@@ -706,23 +539,27 @@ class StoreTx:
 
         A pair that already fired for this case is not armed again (so re-planning the
         same deadline after a ``tick`` never fires it twice); calling it again with the
-        same pairs writes nothing.
+        same pairs writes nothing. Call it after ``append``/``insert_case`` of the case in
+        the same transaction: the case row must be locked before its timers.
         """
         errors: list[FieldError] = []
         for i, (kind, due_at) in enumerate(timers):
             _check_text(errors, f"timers[{i}].kind", kind, required=True, limit="kind")
             _check_time(errors, f"timers[{i}].due_at", due_at, required=True)
         _raise_invalid(errors)
+        fast, raw = self._fast, self._raw
+        if fast is not None and raw is not None:
+            existing = [(t.id, t.kind, t.due_at, t.fired_at) for t in fast.timers_of(raw, case_id)]
+        else:
+            existing = list(self._conn.execute(self._s.case_timers, {"b_case_id": case_id}))
         unfired: dict[tuple[str, datetime], int] = {}
         fired: set[tuple[str, datetime]] = set()
-        for timer_id, kind, due_at, fired_at in self._conn.execute(
-            self._s.case_timers, {"b_case_id": case_id}
-        ):
+        for timer_id, kind, due_at, fired_at in existing:
             if fired_at is None:
                 unfired[(kind, due_at)] = timer_id
             else:
                 fired.add((kind, due_at))
-        wanted = dict.fromkeys((kind, due_at) for kind, due_at in timers)  # no duplicates
+        wanted = dict.fromkeys((kind, due_at.astimezone(UTC)) for kind, due_at in timers)
         stale = [timer_id for key, timer_id in unfired.items() if key not in wanted]
         rows = [
             {"case_id": case_id, "kind": kind, "due_at": due_at, "fired_at": None}
@@ -732,7 +569,10 @@ class StoreTx:
         if stale:
             self._conn.execute(self._s.delete_timers, {"b_ids": stale})
         if rows:
-            self._conn.execute(self._s.insert_timer, rows)
+            if fast is not None and raw is not None:
+                fast.run_many(raw, fast.insert_timer, rows)
+            else:
+                self._conn.execute(self._s.insert_timer, rows)
 
     def timers(self, case_id: str) -> list[TimerRecord]:
         """Every timer of the case (fired or not), by due time."""
@@ -746,81 +586,105 @@ class StoreTx:
 
     def claim_due_timers(self, now: datetime, limit: int = 100) -> list[TimerRecord]:
         """Mark up to ``limit`` unfired timers due at or before ``now`` as fired and
-        return them (oldest first). Concurrent workers never get the same timer: rows
-        are locked with ``SKIP LOCKED`` where available; SQLite serializes writers.
+        return them (by due time). Claim, fire and commit in one transaction.
+
+        PostgreSQL/MariaDB: the *cases* of due timers are locked first, with ``SKIP
+        LOCKED``, then their due timers. A case another worker is ticking, or a command is
+        changing at this moment, is left for the next tick. Concurrent workers thus never
+        claim the same timer, and a tick never waits for a command while holding locks the
+        command needs: commands lock the case row before its timers, and so does this (no
+        deadlock). The claimed cases stay locked until the transaction ends. SQLite
+        serializes writers.
         """
         errors: list[FieldError] = []
         _check_time(errors, "now", now, required=True)
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            errors.append(FieldError("limit", "must be a positive integer"))
         _raise_invalid(errors)
-        if self._caps.skip_locked:
-            stmt = self._s.due_timers_skip
-        elif self._caps.row_locks:
-            stmt = self._s.due_timers_locked
+        s = self._s
+        if not self._caps.row_locks:
+            rows = self._conn.execute(s.due_timers, {"b_now": now, "b_limit": limit}).all()
         else:
-            stmt = self._s.due_timers
-        rows = self._conn.execute(stmt, {"b_now": now, "b_limit": limit}).all()
+            # candidates beyond ``limit``: some of them may be locked by other workers
+            due = self._conn.scalars(s.due_cases, {"b_now": now, "b_limit": 4 * limit}).all()
+            if not due:
+                return []
+            need = len(set(due[:limit]))  # the cases of the ``limit`` oldest timers
+            lock = s.lock_cases_skip if self._caps.skip_locked else s.lock_cases
+            locked = self._conn.scalars(
+                lock, {"b_case_ids": list(dict.fromkeys(due)), "b_limit": need}
+            ).all()
+            if not locked:
+                return []
+            rows = self._conn.execute(
+                s.due_timers_of_skip if self._caps.skip_locked else s.due_timers_of,
+                {"b_case_ids": locked, "b_now": now},
+            ).all()[:limit]
         if not rows:
             return []
         ids = [r.id for r in rows]
-        result = self._conn.execute(self._s.fire_timers, {"b_ids": ids, "b_now": now})
-        if result.rowcount != len(ids):
-            raise GridflowRuntimeError(
-                "timers were claimed by another worker at the same time; retry the tick"
-            )
+        result = self._conn.execute(s.fire_timers, {"b_ids": ids, "b_now": now})
+        if result.rowcount != len(ids):  # pragma: no cover - a writer ignoring the locks
+            raise ConcurrencyConflict(rows[0].case_id, 0)
         return [TimerRecord(r.id, r.case_id, r.kind, r.due_at, now) for r in rows]
 
     # -- outbox -----------------------------------------------------------------------
 
     def outbox_fetch(self, limit: int = 100) -> list[OutboxMessage]:
-        """Up to ``limit`` unpublished messages, oldest first.
+        """Up to ``limit`` unpublished events, oldest first (each case's in ``seq`` order).
 
-        With several publishers (PostgreSQL/MariaDB) rows are locked with ``SKIP LOCKED``
-        and a message is handed out only when every earlier unpublished message of its
-        case is in the same batch, so each case's events are published in order. Call
-        :meth:`outbox_ack` in the same transaction, after publishing, to keep the locks.
+        Publish them, then :meth:`outbox_ack` them in the same transaction. Until acked a
+        message stays in the outbox: a publisher that dies before the commit leaves its
+        messages to the next one (at-least-once delivery; consumers dedupe on
+        ``event_id``). With several publishers (PostgreSQL/MariaDB) the rows are locked
+        with ``SKIP LOCKED``, so publishers share the work; a message is handed out only
+        when every earlier pending message of its case is in the same batch, so a case's
+        events are never published out of order. On SQLite publishers take turns.
         """
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise CaseValidationError([FieldError("limit", "must be a positive integer")],
+                                      source="store")
         if not self._caps.skip_locked:
             rows = self._conn.execute(self._s.outbox_pending, {"b_limit": limit}).all()
-            return [OutboxMessage(*r) for r in rows]
-        rows = self._conn.execute(self._s.outbox_pending_skip, {"b_limit": limit}).all()
-        if not rows:
+            return [_outbox_message(r) for r in rows]
+        ids = self._conn.scalars(self._s.outbox_claim, {"b_limit": limit}).all()
+        if not ids:
             return []
+        rows = self._conn.execute(self._s.events_by_id, {"b_ids": list(ids)}).all()
         mine: dict[str, set[int]] = {}
         for r in rows:
             mine.setdefault(r.case_id, set()).add(r.seq)
-        unpublished = self._conn.execute(
-            self._s.outbox_unpublished_of,
+        pending = self._conn.execute(
+            self._s.outbox_pending_of,
             {"b_case_ids": list(mine), "b_max_seq": max(r.seq for r in rows)},
         )
         allowed: dict[str, int] = {}  # highest publishable seq per case
         blocked: set[str] = set()
-        for case_id, seq in unpublished:
+        for case_id, seq in pending:
             if case_id in blocked:
                 continue
             if seq in mine[case_id]:
                 allowed[case_id] = seq
-            else:
+            else:  # an earlier message of the case is held by another publisher
                 blocked.add(case_id)
-        return [
-            OutboxMessage(*r) for r in rows if r.seq <= allowed.get(r.case_id, 0)
-        ]
+        return [_outbox_message(r) for r in rows if r.seq <= allowed.get(r.case_id, 0)]
 
-    def outbox_ack(self, ids: Sequence[int], at: datetime) -> None:
-        """Mark messages as published at ``at`` (already published ones are left as they are)."""
+    def outbox_ack(self, ids: Sequence[int], at: datetime | None = None) -> int:
+        """Remove published messages from the outbox (by ``OutboxMessage.id``); returns how
+        many were still pending (acking twice is harmless). ``at`` is accepted for
+        compatibility and checked, but not stored: the event keeps its own time."""
+        if at is not None:
+            errors: list[FieldError] = []
+            _check_time(errors, "at", at, required=True)
+            _raise_invalid(errors)
         if not ids:
-            return
-        errors: list[FieldError] = []
-        _check_time(errors, "at", at, required=True)
-        _raise_invalid(errors)
-        self._conn.execute(self._s.outbox_ack, {"b_ids": list(ids), "b_at": at})
-
-    def outbox_purge(self, published_before: datetime) -> int:
-        """Delete messages published before ``published_before``; returns how many."""
-        errors: list[FieldError] = []
-        _check_time(errors, "published_before", published_before, required=True)
-        _raise_invalid(errors)
-        result = self._conn.execute(self._s.outbox_purge, {"b_before": published_before})
+            return 0
+        result = self._conn.execute(self._s.outbox_delete, {"b_ids": [int(i) for i in ids]})
         return int(result.rowcount)
+
+    def outbox_pending(self) -> int:
+        """How many messages wait in the outbox (for monitoring the publishers)."""
+        return int(self._conn.execute(self._s.outbox_count).scalar_one())
 
     # -- internals --------------------------------------------------------------------
 
@@ -855,10 +719,10 @@ class StoreTx:
             raise
         except StatementError as exc:
             if isinstance(exc.orig, (TypeError, ValueError)):
-                raise _unstorable(exc.orig) from exc
+                raise unstorable(exc.orig) from exc
             raise
         except (TypeError, ValueError) as exc:
-            raise _unstorable(exc) from exc
+            raise unstorable(exc) from exc
 
     def _raise_duplicate(self, record: CaseRecord) -> None:
         # MariaDB under REPEATABLE READ: a locking read sees the row the other writer just
@@ -887,33 +751,60 @@ class StoreTx:
     ) -> list[EventRecord]:
         payloads = [dict(ev.payload) for ev in events]
         times = [ev.at.astimezone(UTC) for ev in events]
-        rows = [
-            {
-                "case_id": case_id,
-                "seq": base + i,
-                "type": ev.type,
-                "actor_id": ev.actor_id,
-                "actor_role": ev.actor_role,
-                "at": at,
-                "reason": ev.reason,
-                "payload": payload,
-                "policy_version": ev.policy_version,
-            }
-            for i, (ev, payload, at) in enumerate(
-                zip(events, payloads, times, strict=True), start=1
-            )
-        ]
         fast, raw = self._fast, self._raw
+        outbox_written = False
         try:
             if fast is not None and raw is not None:
-                ids = [int(fast.run(raw, fast.insert_event, row).lastrowid) for row in rows]
-            elif len(rows) == 1:
-                ids = [_new_id(self._execute_write(self._s.insert_event, rows[0]))]
-            elif self._caps.multi_returning:
-                result = self._execute_write(self._s.insert_events_returning, rows)
-                ids = [int(r[0]) for r in result]
+                sql = fast.insert_event.sql  # columns in EVENT_COLUMNS order
+                ids = [
+                    int(fast.execute(raw, sql, (
+                        case_id, base + i, ev.type, ev.actor_id, ev.actor_role,
+                        time_to_sqlite(at), ev.reason, _json_text(payload), ev.policy_version,
+                    )).lastrowid)
+                    for i, (ev, payload, at) in enumerate(
+                        zip(events, payloads, times, strict=True), start=1
+                    )
+                ]
+            elif self._caps.family == "postgresql" and self._outbox:
+                params = {
+                    f"r{i}_{name}": value
+                    for i, (ev, payload, at) in enumerate(zip(events, payloads, times, strict=True))
+                    for name, value in zip(EVENT_COLUMNS, (
+                        case_id, base + 1 + i, ev.type, ev.actor_id, ev.actor_role, at,
+                        ev.reason, payload, ev.policy_version,
+                    ), strict=True)
+                }
+                result = self._execute_write(self._s.events_with_outbox_pg(len(events)), params)
+                pairs = cast("Iterable[tuple[int, int]]", result)
+                id_of = {int(seq): int(event_id) for event_id, seq in pairs}
+                ids = [id_of[base + i] for i in range(1, len(events) + 1)]
+                outbox_written = True
             else:
-                ids = [_new_id(self._execute_write(self._s.insert_event, row)) for row in rows]
+                rows = [
+                    {
+                        "case_id": case_id,
+                        "seq": base + i,
+                        "type": ev.type,
+                        "actor_id": ev.actor_id,
+                        "actor_role": ev.actor_role,
+                        "at": at,
+                        "reason": ev.reason,
+                        "payload": payload,
+                        "policy_version": ev.policy_version,
+                    }
+                    for i, (ev, payload, at) in enumerate(
+                        zip(events, payloads, times, strict=True), start=1
+                    )
+                ]
+                if len(rows) == 1:
+                    ids = [_new_id(self._execute_write(self._s.insert_event, rows[0]))]
+                elif self._caps.multi_returning:
+                    result = self._execute_write(self._s.insert_events_returning, rows)
+                    ids = [int(r[0]) for r in result]
+                else:
+                    ids = [
+                        _new_id(self._execute_write(self._s.insert_event, row)) for row in rows
+                    ]
         except IntegrityError as exc:
             # Only reachable when a writer bypassed the version check (e.g. a raw insert).
             raise ConcurrencyConflict(case_id, base) from exc
@@ -926,28 +817,90 @@ class StoreTx:
                 zip(ids, events, payloads, times, strict=True), start=1
             )
         ]
-        if not self._outbox:
+        if not self._outbox or outbox_written:
             return records
-        outbox = [
-            {
-                "event_id": rec.id,
-                "case_id": case_id,
-                "seq": rec.seq,
-                "type": rec.type,
-                "payload": rec.to_dict(),
-                "created_at": rec.at,
-                "published_at": None,
-            }
-            for rec in records
-        ]
         if fast is not None and raw is not None:
-            for row in outbox:
-                fast.run(raw, fast.insert_outbox, row)
+            sql = fast.insert_outbox.sql
+            for event_id in ids:
+                fast.execute(raw, sql, (event_id,))
         else:
-            self._execute_write(
-                self._s.insert_outbox, outbox[0] if len(outbox) == 1 else outbox
-            )
+            outbox = [{"event_id": event_id} for event_id in ids]
+            self._conn.execute(self._s.insert_outbox, outbox[0] if len(outbox) == 1 else outbox)
         return records
+
+
+class _ThreadTransaction:
+    """A transaction on the thread's own connection (file SQLite, engine owned by the
+    store): BEGIN / COMMIT straight on the ``sqlite3`` connection. A plain class rather
+    than a generator: this runs once per command."""
+
+    __slots__ = ("_conn", "_fallback", "_raw", "_readonly", "_store", "_threads", "_tx")
+    _conn: Connection
+    _raw: sqlite3.Connection
+
+    def __init__(self, store: Store, threads: ThreadConnections, readonly: bool):
+        self._store = store
+        self._threads = threads
+        self._readonly = readonly
+        self._fallback: AbstractContextManager[StoreTx] | None = None
+        self._tx: StoreTx | None = None
+
+    def __enter__(self) -> StoreTx:
+        conn = self._threads.acquire()
+        if conn is None:  # a transaction inside a transaction on this thread
+            self._fallback = self._store._transaction(self._readonly)
+            return self._fallback.__enter__()
+        raw = conn.connection.dbapi_connection
+        assert isinstance(raw, sqlite3.Connection)
+        self._conn, self._raw = conn, raw
+        try:
+            raw.execute("BEGIN" if self._readonly else "BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            self._threads.release(conn)
+            error = DBAPIError.instance(None, None, exc, sqlite3.Error)
+            raise (self._store._conflict(error) or error) from exc
+        self._tx = tx = self._store._tx(conn)
+        return tx
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any
+    ) -> bool:
+        if self._fallback is not None:
+            return bool(self._fallback.__exit__(exc_type, exc, tb))
+        conn, raw, store = self._conn, self._raw, self._store
+        if exc_type is None:
+            try:
+                if conn.in_transaction():  # a Core statement began SQLAlchemy's transaction
+                    conn.commit()
+                else:
+                    raw.commit()
+            except BaseException as failed:
+                exc = failed
+            else:
+                self._threads.release(conn)
+                assert self._tx is not None
+                store._committed(self._tx)
+                return False
+        broken = False
+        try:
+            if conn.in_transaction():
+                conn.rollback()
+            else:
+                raw.rollback()
+        except Exception:  # pragma: no cover - a connection that is gone
+            broken = True
+        if isinstance(exc, sqlite3.Error):
+            exc = DBAPIError.instance(None, None, exc, sqlite3.Error)
+        conflict = store._conflict(exc) if isinstance(exc, DBAPIError) else None
+        broken = broken or (isinstance(exc, DBAPIError) and conflict is None)
+        self._threads.release(conn, broken=broken)
+        store._failed(self._tx)
+        if conflict is not None:
+            raise conflict from exc
+        if exc_type is None:  # the commit failed
+            assert exc is not None
+            raise exc
+        return False
 
 
 # ---------------------------------------------------------------------------- store
@@ -971,7 +924,9 @@ class Store:
 
     Tables are ``<table_prefix>cases``, ``…events``, ``…timers``, ``…outbox``, in
     ``schema`` when given (a PostgreSQL schema, a MariaDB database). ``outbox=False`` skips
-    the outbox rows (replays, what-if runs).
+    the outbox rows (replays, what-if runs). ``case_cache`` is how many case rows a SQLite
+    store that commits its own transactions keeps decoded (0: none; see
+    :mod:`gridflow.store.cache`).
     """
 
     def __init__(
@@ -981,10 +936,13 @@ class Store:
         table_prefix: str = "gf_",
         schema: str | None = None,
         outbox: bool = True,
+        case_cache: int = 1024,
     ):
         #: whether appended events are also written to the outbox (turn off for replays
         #: and what-if runs that publish nothing; saves one insert per event)
         self.outbox = outbox
+        self.tables = build_tables(table_prefix, schema)  # checks the names first
+        self.metadata = self.tables.metadata
         self._owns_engine = False
         self._connection: Connection | None = None
         self._session: Session | None = None
@@ -1001,19 +959,40 @@ class Store:
             dialect = bind.dialect
         elif isinstance(bind, Session):
             self._session = bind
-            session_bind = bind.get_bind()
-            dialect = session_bind.dialect
+            dialect = bind.get_bind().dialect
         else:
             raise TypeError(
                 f"Store bind must be an Engine, Connection, Session, URL or None, "
                 f"not {type(bind).__name__}"
             )
-        self.dialect_name = _family(dialect)
-        self.tables = build_tables(table_prefix, schema)
-        self.metadata = self.tables.metadata
-        self._stmts = _Statements(self.tables)
-        self._caps: _Caps | None = None
-        self._fast: _SqliteFast | None = None
+        self.dialect_name = family(dialect)
+        self._stmts = Statements(self.tables)
+        self._caps: Caps | None = None
+        self._fast: SqliteFast | None = None
+        self._pid = os.getpid()
+        # gridflow commits its own transactions only with an engine: only then may it
+        # cache what it wrote (a host may still roll back a SAVEPOINT's work)
+        self._cache: CaseCache | None = None
+        if (
+            isinstance(case_cache, int)
+            and case_cache > 0
+            and self.engine is not None
+            and self.dialect_name == "sqlite"
+        ):
+            self._cache = CaseCache(case_cache)
+        self._threads: ThreadConnections | None = None
+        self._own_connections()
+
+    def _own_connections(self) -> None:
+        """A file SQLite store with its own engine keeps one connection per thread."""
+        if (
+            self._owns_engine
+            and self._threads is None
+            and self.engine is not None
+            and self.dialect_name == "sqlite"
+            and not is_memory_sqlite(self.engine.url)
+        ):
+            self._threads = ThreadConnections(self.engine)
 
     @classmethod
     def from_url(
@@ -1023,13 +1002,16 @@ class Store:
         table_prefix: str = "gf_",
         schema: str | None = None,
         outbox: bool = True,
+        case_cache: int = 1024,
         **engine_kw: Any,
     ) -> Store:
         """A store owning a new engine for ``url`` (``engine_kw`` go to ``create_engine``)."""
         store = cls(
-            make_engine(url, **engine_kw), table_prefix=table_prefix, schema=schema, outbox=outbox
+            make_engine(url, **engine_kw), table_prefix=table_prefix, schema=schema,
+            outbox=outbox, case_cache=case_cache,
         )
         store._owns_engine = True
+        store._own_connections()
         return store
 
     def __enter__(self) -> Store:
@@ -1045,8 +1027,12 @@ class Store:
     # -- schema -----------------------------------------------------------------------
 
     def create_all(self) -> None:
-        """Create the tables (and the PostgreSQL schema) if missing. Production databases
-        should be brought to the current schema with the Alembic migrations instead."""
+        """Create the tables (and the PostgreSQL schema) if missing, for tests, demos and
+        embedded SQLite. A database created here is stamped with the current migration,
+        so :func:`gridflow.store.upgrade` takes over from it later. Production databases
+        are brought to the current schema with :func:`gridflow.store.upgrade`."""
+        if self._cache is not None:
+            self._cache.clear()
         with self._ddl_connection() as conn:
             schema = self.tables.schema
             if (
@@ -1056,11 +1042,19 @@ class Store:
             ):
                 conn.execute(sa.schema.CreateSchema(schema))
             self.metadata.create_all(conn)
+            versions, head = version_table(self.tables.prefix, schema)
+            if not sa.inspect(conn).has_table(versions.name, schema=schema):
+                versions.create(conn)
+                conn.execute(versions.insert().values(version_num=head))
 
     def drop_all(self) -> None:
-        """Drop gridflow's tables (the data is gone)."""
+        """Drop gridflow's tables and its migration record (the data is gone)."""
+        if self._cache is not None:
+            self._cache.clear()
         with self._ddl_connection() as conn:
             self.metadata.drop_all(conn)
+            versions, _ = version_table(self.tables.prefix, self.tables.schema)
+            versions.drop(conn, checkfirst=True)
 
     @contextmanager
     def _ddl_connection(self) -> Iterator[Connection]:
@@ -1081,56 +1075,119 @@ class Store:
 
     # -- transactions -----------------------------------------------------------------
 
-    @contextmanager
-    def transaction(self, *, readonly: bool = False) -> Iterator[StoreTx]:
+    def transaction(self, *, readonly: bool = False) -> AbstractContextManager[StoreTx]:
         """One database transaction: committed when the block ends, rolled back (nothing
         written) if it raises. Under a host connection/session it is a SAVEPOINT.
 
         ``readonly=True`` is a hint for SQLite (a deferred ``BEGIN`` that does not take the
-        write lock); do not write in such a transaction.
+        write lock); do not write in such a transaction. A deadlock or lock timeout the
+        database reports is raised as :class:`TransactionConflict` (retry).
         """
-        if self.engine is not None:
-            with self.engine.connect() as conn, conn.begin():
-                self._sqlite_begin(conn, readonly)
-                yield self._tx(conn)
-        elif self._connection is not None:
-            conn = self._connection
-            if conn.in_transaction():
-                self._sqlite_begin(conn, readonly)
-                with conn.begin_nested():
-                    yield self._tx(conn)
-            else:
-                with conn.begin():
+        if self._pid != os.getpid():
+            self._after_fork()
+        if self._threads is not None:
+            return _ThreadTransaction(self, self._threads, readonly)
+        return self._transaction(readonly)
+
+    @contextmanager
+    def _transaction(self, readonly: bool) -> Iterator[StoreTx]:
+        holder: list[StoreTx] = []
+        try:
+            if self.engine is not None:
+                with self.engine.connect() as conn, conn.begin():
                     self._sqlite_begin(conn, readonly)
-                    yield self._tx(conn)
+                    holder.append(self._tx(conn))
+                    yield holder[0]
+            elif self._connection is not None:
+                conn = self._connection
+                if conn.in_transaction():
+                    self._sqlite_begin(conn, readonly)
+                    with conn.begin_nested():
+                        holder.append(self._tx(conn))
+                        yield holder[0]
+                else:
+                    with conn.begin():
+                        self._sqlite_begin(conn, readonly)
+                        holder.append(self._tx(conn))
+                        yield holder[0]
+            else:
+                assert self._session is not None
+                conn = self._session.connection()
+                self._sqlite_begin(conn, readonly)
+                with self._session.begin_nested():
+                    holder.append(self._tx(conn))
+                    yield holder[0]
+        except DBAPIError as exc:
+            self._failed(holder[0] if holder else None)
+            conflict = self._conflict(exc)
+            if conflict is not None:
+                raise conflict from exc
+            raise
+        except BaseException:
+            self._failed(holder[0] if holder else None)
+            raise
         else:
-            assert self._session is not None
-            conn = self._session.connection()
-            self._sqlite_begin(conn, readonly)
-            with self._session.begin_nested():
-                yield self._tx(conn)
+            if holder:
+                self._committed(holder[0])
+
+    def _committed(self, tx: StoreTx) -> None:
+        cache = self._cache
+        if cache is not None and tx._new_cached:
+            cache.put_all(tx._new_cached)
+
+    def _failed(self, tx: StoreTx | None) -> None:
+        if self._cache is not None and tx is not None:
+            self._cache.drop(tx._touched | set(tx._new_cached))
+
+    def _conflict(self, exc: DBAPIError) -> TransactionConflict | None:
+        """The retryable error to raise instead of ``exc``, if it is one."""
+        detail = _retryable(self.dialect_name, exc)
+        return None if detail is None else TransactionConflict(detail)
+
+    def _after_fork(self) -> None:
+        """In a forked child: never use the parent's pooled connections."""
+        self._pid = os.getpid()
+        if self._owns_engine and self.engine is not None:
+            self.engine.dispose(close=False)
+
+    # -- outbox publishing ------------------------------------------------------------
+
+    def publish_outbox(
+        self, send: Callable[[list[OutboxMessage]], object], *, limit: int = 100
+    ) -> int:
+        """Hand up to ``limit`` pending messages to ``send`` and remove them from the
+        outbox once it returns; returns how many were sent (0: nothing pending).
+
+        All in one transaction: if ``send`` raises, nothing is acknowledged and the same
+        messages come again (at-least-once; consumers dedupe on ``event_id``). Run it in
+        a loop in one or more publisher processes.
+        """
+        with self.transaction() as tx:
+            messages = tx.outbox_fetch(limit)
+            if messages:
+                send(messages)
+                tx.outbox_ack([m.id for m in messages])
+            return len(messages)
 
     def dispose(self) -> None:
         """Close the engine if this store created it (a host's engine is left alone)."""
+        if self._threads is not None:
+            self._threads.close_all()
         if self._owns_engine and self.engine is not None:
             self.engine.dispose()
 
     def _tx(self, conn: Connection) -> StoreTx:
-        caps = self._capabilities(conn)
-        fast: tuple[_SqliteFast, sqlite3.Connection] | None = None
+        caps = self._caps
+        if caps is None:
+            caps = self._caps = Caps(conn.dialect)
+        fast: tuple[SqliteFast, sqlite3.Connection] | None = None
         if caps.family == "sqlite":
             raw = conn.connection.dbapi_connection
             if isinstance(raw, sqlite3.Connection):
                 if self._fast is None:
-                    self._fast = _SqliteFast(self._stmts, self.tables, conn.dialect)
+                    self._fast = SqliteFast(self._stmts, self.tables, conn.dialect)
                 fast = (self._fast, raw)
         return StoreTx(self, conn, caps, fast)
-
-    def _capabilities(self, conn: Connection) -> _Caps:
-        caps = self._caps
-        if caps is None:
-            caps = self._caps = _Caps(conn.dialect)
-        return caps
 
     def _sqlite_begin(self, conn: Connection, readonly: bool) -> None:
         """Make SQLite really begin a transaction now.

@@ -1,12 +1,15 @@
-"""The store's tables: one definition, used by ``create_all`` and by Alembic migrations.
+"""The store's tables, as the code uses them (and ``create_all`` creates them).
 
 :func:`build_tables` makes a fresh :class:`~sqlalchemy.MetaData` for a table prefix and
 schema, so a host can put gridflow's tables where it wants them. The constraint naming
-convention keeps generated names stable for migrations.
+convention keeps generated names stable. The Alembic migrations in ``gridflow/migrations``
+spell the same tables out (a migration never changes); ``tests/test_migrations.py``
+checks that a migrated database and these definitions agree on every backend.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -15,7 +18,14 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Dialect
 
-__all__ = ["MAX_LENGTHS", "NAMING_CONVENTION", "StoreTables", "UTCDateTime", "build_tables"]
+__all__ = [
+    "MAX_LENGTHS",
+    "NAMING_CONVENTION",
+    "StoreTables",
+    "UTCDateTime",
+    "build_tables",
+    "check_names",
+]
 
 #: Column lengths (characters). utf8mb4 uses up to 4 bytes per character; every index
 #: stays far below InnoDB's 3072-byte key limit.
@@ -103,8 +113,38 @@ def _s(name: str) -> sa.String:
     return sa.String(MAX_LENGTHS[name])
 
 
+def _partial(condition: sa.ColumnElement[bool]) -> dict[str, Any]:
+    """A partial index on SQLite and PostgreSQL (MariaDB indexes every row)."""
+    return {"sqlite_where": condition, "postgresql_where": condition}
+
+
+def _id_type() -> sa.types.TypeEngine[int]:
+    # BIGINT on the servers; INTEGER on SQLite, where an INTEGER PRIMARY KEY is the rowid
+    return sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+
+_PREFIX = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,23}")
+_SCHEMA = re.compile(r"[A-Za-z_][A-Za-z0-9_$]{0,62}")
+
+
+def check_names(table_prefix: str, schema: str | None) -> None:
+    """Refuse a table prefix or schema name gridflow cannot use safely: a prefix is at most
+    24 letters, digits or ``_`` (so every generated index name fits PostgreSQL's 63 and
+    MariaDB's 64 characters); a schema is a plain identifier."""
+    if not isinstance(table_prefix, str) or not _PREFIX.fullmatch(table_prefix):
+        raise ValueError(
+            f"table_prefix {table_prefix!r}: use up to 24 letters, digits or '_', "
+            "not starting with a digit (e.g. 'gf_')"
+        )
+    if schema is not None and (not isinstance(schema, str) or not _SCHEMA.fullmatch(schema)):
+        raise ValueError(
+            f"schema {schema!r}: use a plain identifier (letters, digits, '_', '$')"
+        )
+
+
 def build_tables(table_prefix: str = "gf_", schema: str | None = None) -> StoreTables:
     """Define gridflow's four tables in a new MetaData (``<prefix>cases`` etc.)."""
+    check_names(table_prefix, schema)
     md = sa.MetaData(schema=schema, naming_convention=NAMING_CONVENTION)
     p = table_prefix
     cases = sa.Table(
@@ -113,7 +153,7 @@ def build_tables(table_prefix: str = "gf_", schema: str | None = None) -> StoreT
         sa.Column("case_id", _s("case_id"), primary_key=True),
         sa.Column("version", sa.Integer, nullable=False),
         sa.Column("state", _s("state"), nullable=False),
-        sa.Column("idempotency_key", _s("idempotency_key"), nullable=True, unique=True),
+        sa.Column("idempotency_key", _s("idempotency_key"), nullable=True),
         sa.Column("category", _s("category")),
         sa.Column("unit", _s("unit")),
         sa.Column("lead_department", _s("lead_department")),
@@ -128,23 +168,33 @@ def build_tables(table_prefix: str = "gf_", schema: str | None = None) -> StoreT
         sa.Column("policy_version", _s("policy_version")),
         sa.Column("data", sa.JSON, nullable=False),
         sa.Column("updated_at", UTCDateTime(), nullable=False),
-        # Worklists: open cases (closed_at IS NULL) of a department, pool or handler; state
-        # is left out of those indexes because it changes on every step (each changed
-        # indexed column costs an index rewrite per command).
-        sa.Index(None, "lead_department", "closed_at"),
-        sa.Index(None, "pool", "closed_at"),
-        sa.Index(None, "handler", "closed_at"),
-        sa.Index(None, "unit", "closed_at"),
-        sa.Index(None, "state", "due_at"),
-        sa.Index(None, "due_at"),
-        sa.Index(None, "warn_at"),
         **_MYSQL_TABLE_KW,
+    )
+    # Every index is paid for by every write that changes one of its columns (on SQLite
+    # one more page written per index and commit), so the set is small and, on SQLite and
+    # PostgreSQL, partial: rows whose key is NULL (a case not yet dispatched, keyless
+    # intake) are not in it at all.
+    #
+    # * idempotency keys are unique (NULL: no key);
+    # * worklists of a lead department, pool, handler or unit (state is not in these
+    #   indexes: it changes on every step);
+    # * the supervision lists (overdue, near due) read open cases by deadline:
+    #   ``closed_at IS NULL AND due_at <= t``.
+    sa.Index(
+        f"uq_{p}cases_idempotency_key", cases.c.idempotency_key, unique=True,
+        **_partial(cases.c.idempotency_key.is_not(None)),
+    )
+    for name in ("lead_department", "pool", "handler", "unit"):
+        col = cases.c[name]
+        sa.Index(None, col, **_partial(col.is_not(None)))
+    sa.Index(
+        None, cases.c.closed_at, cases.c.due_at,
+        **_partial(sa.and_(cases.c.closed_at.is_(None), cases.c.due_at.is_not(None))),
     )
     events = sa.Table(
         f"{p}events",
         md,
-        sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True,
-                  autoincrement=True),
+        sa.Column("id", _id_type(), primary_key=True, autoincrement=True),
         sa.Column("case_id", _s("case_id"), sa.ForeignKey(cases.c.case_id), nullable=False),
         sa.Column("seq", sa.Integer, nullable=False),
         sa.Column("type", _s("type"), nullable=False),
@@ -160,30 +210,23 @@ def build_tables(table_prefix: str = "gf_", schema: str | None = None) -> StoreT
     timers = sa.Table(
         f"{p}timers",
         md,
-        sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True,
-                  autoincrement=True),
+        sa.Column("id", _id_type(), primary_key=True, autoincrement=True),
         sa.Column("case_id", _s("case_id"), sa.ForeignKey(cases.c.case_id), nullable=False),
         sa.Column("kind", _s("kind"), nullable=False),
         sa.Column("due_at", UTCDateTime(), nullable=False),
         sa.Column("fired_at", UTCDateTime()),
         sa.UniqueConstraint("case_id", "kind", "due_at"),
-        sa.Index(None, "fired_at", "due_at"),
         **_MYSQL_TABLE_KW,
     )
+    # due timers: unfired ones by due time (a fired timer leaves the partial index)
+    sa.Index(None, timers.c.fired_at, timers.c.due_at, **_partial(timers.c.fired_at.is_(None)))
+    # The outbox holds the ids of events not yet published (a row is deleted when the
+    # host acknowledges it): one narrow insert per event, and the pending set stays small.
     outbox = sa.Table(
         f"{p}outbox",
         md,
-        sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True,
-                  autoincrement=True),
-        sa.Column("event_id", sa.BigInteger().with_variant(sa.Integer, "sqlite"),
-                  sa.ForeignKey(events.c.id), nullable=False, unique=True),
-        sa.Column("case_id", _s("case_id"), nullable=False),
-        sa.Column("seq", sa.Integer, nullable=False),
-        sa.Column("type", _s("type"), nullable=False),
-        sa.Column("payload", sa.JSON, nullable=False),
-        sa.Column("created_at", UTCDateTime(), nullable=False),
-        sa.Column("published_at", UTCDateTime()),
-        sa.Index(None, "published_at", "id"),
+        sa.Column("event_id", _id_type(), sa.ForeignKey(events.c.id), primary_key=True,
+                  autoincrement=False),
         **_MYSQL_TABLE_KW,
     )
     return StoreTables(md, cases, events, timers, outbox, table_prefix, schema)

@@ -5,38 +5,45 @@ Outside a batch every engine command is one store transaction. Inside
 
 * a case is read from the store once and then kept in memory;
 * each command's events, new projection and timers are buffered;
+* supervision timers of the cases in the working set are kept — and claimed by ``tick``
+  — in memory; timers of other cases are claimed in the database as usual;
 * :meth:`UnitOfWork.flush` writes what is buffered into ONE open store transaction (one
   insert or update per case, whatever the number of commands), and
   :meth:`UnitOfWork.commit` (every ``size`` commands, and at the end of the batch)
-  commits it.
+  commits it and empties the working set.
 
-Reads that the working set cannot answer — ``history``, worklist queries, claiming due
-timers — flush first and then ask the store, inside the same transaction, so they see
-every earlier command. The events, projections and timers stored are those the engine
-would store command by command (``tests/test_replay.py`` checks it); what differs is
-only the grouping into transactions, hence the event ids, and that a failing *flush*
-rolls back everything since the last commit.
+Reads the working set cannot answer (``history``, worklist queries) flush first and then
+ask the store, inside the same transaction, so they see every earlier command. The
+events, projections and timers stored are those the engine stores command by command
+(``tests/test_replay.py`` checks it); what differs is only the grouping into
+transactions, hence the row ids, and that a failing *flush* rolls back everything since
+the last commit.
 
-A command that fails inside a batch changes nothing, as outside one: the engine
-buffers a command's writes only after all of its checks passed, and a block that fails
-after buffering is undone from a journal. Claiming timers marks rows in the database; a
-block that fails after a claim cannot be undone in memory, so the whole uncommitted
-batch is rolled back and :class:`BatchAborted` is raised.
+A command that fails inside a batch changes nothing, as outside one: the engine buffers
+a command's writes only after all of its checks passed, and a block that fails after
+buffering is undone from a journal. Claiming timers *in the database* cannot be undone in
+memory: a block that fails after such a claim rolls back the whole uncommitted batch and
+raises :class:`BatchAborted`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+import heapq
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast, overload
+
+import sqlalchemy as sa
 
 from gridflow.errors import CaseNotFound, ConcurrencyConflict, GridflowRuntimeError
 from gridflow.store.core import IdempotencyConflict, Store, StoreTx
 from gridflow.store.records import CaseRecord, EventRecord, NewEvent, TimerRecord
 
 __all__ = ["BatchAborted", "UnitOfWork"]
+
+Pair = tuple[str, datetime]  # (kind, due_at in UTC)
 
 
 class BatchAborted(GridflowRuntimeError):
@@ -49,14 +56,45 @@ class _Entry:
     base_version: int  # the version the store holds now (0: not stored yet)
     new: bool  # not in the store yet: insert, not update
     events: list[NewEvent] = field(default_factory=list)
-    timers: list[tuple[str, datetime]] | None = None  # pending set_timers, if any
+    # Timers, once owned (the store's unfired rows of the case were taken into memory):
+    owned: bool = False
+    unfired: dict[Pair, None] = field(default_factory=dict)
+    fired: dict[Pair, tuple[datetime, bool]] = field(default_factory=dict)  # → (at, stored)
 
 
 @dataclass(frozen=True)
 class _Saved:
     record: CaseRecord
     n_events: int
-    timers: list[tuple[str, datetime]] | None
+    owned: bool
+    unfired: dict[Pair, None]
+    fired: dict[Pair, tuple[datetime, bool]]
+
+
+_UNKNOWN: Any = object()
+
+
+class _Block:
+    """The context manager of one engine transaction inside a batch (re-entrant)."""
+
+    __slots__ = ("_outer", "_uow")
+
+    def __init__(self, uow: UnitOfWork):
+        self._uow = uow
+        self._outer: list[bool] = []
+
+    def __enter__(self) -> UnitOfWork:
+        self._outer.append(self._uow._begin())
+        return self._uow
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        outer = self._outer.pop()
+        if not outer:
+            return
+        if exc_type is not None:
+            self._uow._fail()  # may raise BatchAborted instead of the original error
+        else:
+            self._uow._done()
 
 
 class UnitOfWork:
@@ -72,12 +110,21 @@ class UnitOfWork:
         self._cm: AbstractContextManager[StoreTx] | None = None
         self._tx: StoreTx | None = None
         self._entries: dict[str, _Entry] = {}
+        self._dirty: dict[str, _Entry] = {}  # entries with buffered writes, in write order
         self._keys: dict[str, str] = {}  # idempotency key → case id, for buffered new cases
         self._journal: dict[str, _Saved | None] | None = None  # open block: case → before
         self._claimed = False  # the open block claimed timers in the database
         self._commands = 0  # buffered writes since the last commit
+        self._block_events: list[tuple[str, Sequence[NewEvent]]] = []
+        self._heap: list[tuple[datetime, int, str, str]] = []  # owned unfired timers
+        self._seq = 0
+        self._db_next_due: Any = _UNKNOWN  # earliest unfired timer in the database
+        self._block = _Block(self)
         self.flushes = 0
         self.commits = 0
+        #: called with (case id, events) after each successful engine transaction, for
+        #: every case it appended events to (in order) — replays fold facts from it
+        self.listener: Callable[[str, Sequence[NewEvent]], None] | None = None
 
     # -- transactions ---------------------------------------------------------------------
 
@@ -88,33 +135,43 @@ class UnitOfWork:
             self._cm = cm
         return self._tx
 
-    @contextmanager
-    def transaction(self, *, readonly: bool = False) -> Iterator[UnitOfWork]:
+    def transaction(self, *, readonly: bool = False) -> _Block:
         """One engine transaction inside the batch: undone from the journal if it fails."""
+        return self._block
+
+    def _begin(self) -> bool:
         if self._journal is not None:  # nested: part of the enclosing block
-            yield self
-            return
+            return False
         self._journal = {}
         self._claimed = False
-        try:
-            yield self
-        except BaseException:
-            journal, self._journal = self._journal, None
-            if self._claimed:
-                self.rollback()
-                raise BatchAborted(
-                    "a command failed after claiming timers inside a batch; the batch was "
-                    "rolled back to its last commit"
-                ) from None
+        self._block_events = []
+        return True
+
+    def _fail(self) -> None:
+        self._block_events = []
+        journal, self._journal = self._journal, None
+        if self._claimed:
+            self.rollback()
+            raise BatchAborted(
+                "a command failed after claiming timers inside a batch; the batch was "
+                "rolled back to its last commit"
+            ) from None
+        if journal is not None:
             self._undo(journal)
-            raise
+
+    def _done(self) -> None:
         self._journal = None
+        listener, done, self._block_events = self.listener, self._block_events, []
+        if listener is not None:
+            for case_id, events in done:
+                listener(case_id, events)
         if self._commands >= self.size:
             self.commit()
 
     def _undo(self, journal: dict[str, _Saved | None]) -> None:
         for case_id, saved in journal.items():
             if saved is None:
+                self._dirty.pop(case_id, None)
                 entry = self._entries.pop(case_id, None)
                 if entry is not None and entry.record.idempotency_key is not None:
                     self._keys.pop(entry.record.idempotency_key, None)
@@ -122,24 +179,28 @@ class UnitOfWork:
             entry = self._entries[case_id]
             entry.record = saved.record
             del entry.events[saved.n_events:]
-            entry.timers = saved.timers
+            entry.owned, entry.unfired, entry.fired = saved.owned, saved.unfired, saved.fired
+            for kind_due in entry.unfired:  # claims undone: the heap must offer them again
+                self._push(case_id, kind_due)
 
     def _touch(self, case_id: str) -> None:
         journal = self._journal
         if journal is None or case_id in journal:
             return
         entry = self._entries.get(case_id)
-        journal[case_id] = (
-            None if entry is None else _Saved(entry.record, len(entry.events), entry.timers)
+        # the timer dicts are replaced, never changed in place: no copies needed
+        journal[case_id] = None if entry is None else _Saved(
+            entry.record, len(entry.events), entry.owned, entry.unfired, entry.fired
         )
 
     def flush(self) -> None:
         """Write everything buffered into the open store transaction (not committed)."""
-        dirty = [(cid, e) for cid, e in self._entries.items() if e.events or e.timers is not None]
+        dirty, self._dirty = self._dirty, {}
         if not dirty:
             return
         tx = self._db()
-        for case_id, entry in dirty:
+        timer_rows: list[dict[str, Any]] = []
+        for case_id, entry in dirty.items():
             if entry.events:
                 record = replace(entry.record)  # the store sets version/updated_at on it
                 if entry.new:
@@ -150,9 +211,21 @@ class UnitOfWork:
                 entry.base_version = record.version
                 entry.new = False
                 entry.events = []
-            if entry.timers is not None:
-                tx.set_timers(case_id, entry.timers)
-                entry.timers = None
+            if entry.owned:
+                timer_rows += [
+                    {"case_id": case_id, "kind": kind, "due_at": due, "fired_at": None}
+                    for kind, due in entry.unfired
+                ]
+                timer_rows += [
+                    {"case_id": case_id, "kind": kind, "due_at": due, "fired_at": at}
+                    for (kind, due), (at, stored) in entry.fired.items() if not stored
+                ]
+                entry.owned = False  # the store holds them again
+                entry.unfired, entry.fired = {}, {}
+        if timer_rows:
+            tx.connection.execute(sa.insert(self.store.tables.timers), timer_rows)
+            self._db_next_due = _UNKNOWN
+        self._heap = []  # owned timers were all written out
         self._keys.clear()
         self.flushes += 1
 
@@ -163,22 +236,24 @@ class UnitOfWork:
         if cm is not None:
             cm.__exit__(None, None, None)
             self.commits += 1
+        self._reset()
+
+    def _reset(self) -> None:
         self._entries.clear()
+        self._dirty.clear()
         self._keys.clear()
+        self._heap = []
         self._commands = 0
+        self._db_next_due = _UNKNOWN
 
     def rollback(self) -> None:
         """Drop everything since the last commit."""
         cm, self._cm, self._tx = self._cm, None, None
-        self._entries.clear()
-        self._keys.clear()
-        self._commands = 0
+        self._reset()
         if cm is not None:
             err = BatchAborted("batch rolled back")
-            try:
+            with suppress(BatchAborted):
                 cm.__exit__(BatchAborted, err, None)
-            except BatchAborted:
-                pass
 
     # -- the StoreTx surface the engine uses ----------------------------------------------
 
@@ -223,10 +298,13 @@ class UnitOfWork:
             raise ConcurrencyConflict(record.case_id, 0, existing.version)
         self._touch(record.case_id)
         record.updated_at = events[-1].at.astimezone(UTC)
-        self._entries[record.case_id] = _Entry(record, 0, True, list(events))
+        # a new case has no timers in the store: its (empty) timers are owned from the start
+        entry = self._entries[record.case_id] = _Entry(record, 0, True, list(events), owned=True)
+        self._dirty[record.case_id] = entry
         if key is not None:
             self._keys[key] = record.case_id
         self._commands += 1
+        self._block_events.append((record.case_id, events))
         return self._records(record.case_id, 0, events)
 
     def append(
@@ -245,25 +323,100 @@ class UnitOfWork:
         record.updated_at = events[-1].at.astimezone(UTC)
         entry.record = record
         entry.events.extend(events)
+        self._dirty[record.case_id] = entry
         self._commands += 1
+        self._block_events.append((record.case_id, events))
         return self._records(record.case_id, expected_version, events)
 
+    def _own(self, case_id: str, entry: _Entry) -> None:
+        """Take the case's timers into memory: its unfired rows leave the database (they
+        are written back at the flush), its fired ones are remembered."""
+        tx = self._db()
+        unfired: dict[Pair, None] = {}
+        fired: dict[Pair, tuple[datetime, bool]] = {}
+        for t in tx.timers(case_id):
+            pair = (t.kind, t.due_at.astimezone(UTC))
+            if t.fired_at is None:
+                unfired[pair] = None
+            else:
+                fired[pair] = (t.fired_at, True)
+        if unfired:
+            tm = self.store.tables.timers
+            tx.connection.execute(
+                sa.delete(tm).where(tm.c.case_id == case_id, tm.c.fired_at.is_(None))
+            )
+        entry.owned, entry.unfired, entry.fired = True, unfired, fired
+        for pair in unfired:
+            self._push(case_id, pair)
+        journal = self._journal
+        saved = journal.get(case_id) if journal is not None else None
+        if journal is not None and saved is not None:  # the block's "before" is owned too
+            journal[case_id] = _Saved(saved.record, saved.n_events, True, unfired, fired)
+        self._dirty[case_id] = entry
+
+    def _push(self, case_id: str, pair: Pair) -> None:
+        self._seq += 1
+        heapq.heappush(self._heap, (pair[1], self._seq, case_id, pair[0]))
+
     def set_timers(self, case_id: str, timers: Sequence[tuple[str, datetime]]) -> None:
-        # Buffering the last call is exact: the store's result depends only on the last
-        # wanted set and on which timers fired, and timers are only claimed after a flush.
-        self._touch(case_id)
+        """As :meth:`StoreTx.set_timers`: ``timers`` become the case's unfired timers, except
+        pairs that already fired."""
         entry = self._entries.get(case_id)
         if entry is None:
             self.require_case(case_id)
             entry = self._entries[case_id]
-        entry.timers = list(timers)
+        if not entry.owned:
+            self._own(case_id, entry)
+        self._touch(case_id)
+        wanted: dict[Pair, None] = {}
+        for kind, due in timers:
+            if due.tzinfo is None or due.utcoffset() is None:
+                raise GridflowRuntimeError("timers need timezone-aware due times")
+            pair = (kind, due.astimezone(UTC))
+            if pair not in entry.fired:
+                wanted[pair] = None
+        for pair in wanted:
+            if pair not in entry.unfired:
+                self._push(case_id, pair)
+        entry.unfired = wanted
+        self._dirty[case_id] = entry
 
     def claim_due_timers(self, now: datetime, limit: int = 100) -> list[TimerRecord]:
-        self.flush()
-        claimed = self._db().claim_due_timers(now, limit)
-        if claimed:
-            self._claimed = True
+        """Due timers: those of the working set are claimed in memory, the others in the
+        database (only when it has some due)."""
+        claimed: list[TimerRecord] = []
+        heap = self._heap
+        when = now.astimezone(UTC)
+        while heap and heap[0][0] <= when:
+            due, _seq, case_id, kind = heapq.heappop(heap)
+            entry = self._entries.get(case_id)
+            pair = (kind, due)
+            if entry is None or not entry.owned or pair not in entry.unfired:
+                continue  # re-planned or fired since it was queued
+            self._touch(case_id)
+            entry.unfired = {p: None for p in entry.unfired if p != pair}
+            entry.fired = {**entry.fired, pair: (when, False)}
+            self._dirty[case_id] = entry
+            claimed.append(TimerRecord(0, case_id, kind, due, when))
+        if self._db_has_due(when):
+            from_db = self._db().claim_due_timers(now, limit)
+            if from_db:
+                self._claimed = True
+                self._db_next_due = _UNKNOWN
+            claimed += from_db
         return claimed
+
+    def _db_has_due(self, when: datetime) -> bool:
+        if self._db_next_due is _UNKNOWN:
+            tm = self.store.tables.timers
+            earliest = self._db().connection.execute(
+                sa.select(sa.func.min(tm.c.due_at)).where(tm.c.fired_at.is_(None))
+            ).scalar()
+            self._db_next_due = (
+                None if earliest is None else
+                earliest.replace(tzinfo=UTC) if earliest.tzinfo is None else earliest
+            )
+        return self._db_next_due is not None and self._db_next_due <= when
 
     def history(self, case_id: str) -> list[EventRecord]:
         self.flush()
@@ -279,9 +432,38 @@ class UnitOfWork:
 
     @staticmethod
     def _records(case_id: str, base: int, events: Sequence[NewEvent]) -> list[EventRecord]:
-        """The events as they will be stored (id 0: assigned when the batch is flushed)."""
-        return [
-            EventRecord(0, case_id, base + i, ev.type, ev.actor_id, ev.actor_role,
-                        ev.at.astimezone(UTC), ev.reason, dict(ev.payload), ev.policy_version)
-            for i, ev in enumerate(events, start=1)
-        ]
+        """The events as they will be stored (id 0: assigned when the batch is flushed),
+        built only if the caller looks at them (``tick`` does, commands do not)."""
+        return cast("list[EventRecord]", _LazyRecords(case_id, base, events))
+
+
+class _LazyRecords(Sequence[EventRecord]):
+    __slots__ = ("_args", "_built")
+
+    def __init__(self, case_id: str, base: int, events: Sequence[NewEvent]):
+        self._args = (case_id, base, events)
+        self._built: list[EventRecord] | None = None
+
+    def _list(self) -> list[EventRecord]:
+        if self._built is None:
+            case_id, base, events = self._args
+            self._built = [
+                EventRecord(0, case_id, base + i, ev.type, ev.actor_id, ev.actor_role,
+                            ev.at.astimezone(UTC), ev.reason, dict(ev.payload),
+                            ev.policy_version)
+                for i, ev in enumerate(events, start=1)
+            ]
+        return self._built
+
+    def __len__(self) -> int:
+        return len(self._args[2])
+
+    @overload
+    def __getitem__(self, index: int) -> EventRecord: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[EventRecord]: ...
+    def __getitem__(self, index: int | slice) -> EventRecord | list[EventRecord]:
+        return self._list()[index]
+
+    def __iter__(self) -> Iterator[EventRecord]:
+        return iter(self._list())

@@ -1,0 +1,1 @@
+"""Migration scripts, oldest first (``r<revision>_<slug>.py``)."""
