@@ -24,10 +24,10 @@ from __future__ import annotations
 import operator
 import os
 import sqlite3
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, Connection, Engine
@@ -765,19 +765,14 @@ class StoreTx:
                         zip(events, payloads, times, strict=True), start=1
                     )
                 ]
-            elif self._caps.family == "postgresql" and self._outbox:
-                params = {
-                    f"r{i}_{name}": value
-                    for i, (ev, payload, at) in enumerate(zip(events, payloads, times, strict=True))
-                    for name, value in zip(EVENT_COLUMNS, (
-                        case_id, base + 1 + i, ev.type, ev.actor_id, ev.actor_role, at,
-                        ev.reason, payload, ev.policy_version,
-                    ), strict=True)
-                }
-                result = self._execute_write(self._s.events_with_outbox_pg(len(events)), params)
-                pairs = cast("Iterable[tuple[int, int]]", result)
-                id_of = {int(seq): int(event_id) for event_id, seq in pairs}
-                ids = [id_of[base + i] for i in range(1, len(events) + 1)]
+            elif self._caps.family == "postgresql" and self._outbox and len(events) == 1:
+                (ev,), (payload,), (at,) = events, payloads, times
+                row = dict(zip(EVENT_COLUMNS, (
+                    case_id, base + 1, ev.type, ev.actor_id, ev.actor_role, at, ev.reason,
+                    payload, ev.policy_version,
+                ), strict=True))
+                result = self._execute_write(self._s.event_with_outbox_pg(), row)
+                ids = [int(result.scalar_one())]
                 outbox_written = True
             else:
                 rows = [

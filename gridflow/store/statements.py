@@ -122,7 +122,7 @@ class Statements:
             e.c.id, sort_by_parameter_order=True
         )
         self.insert_outbox = sa.insert(o)
-        self._events_outbox_pg: dict[int, Any] = {}
+        self._event_outbox_pg: Any = None
         self._tables = t
         self.event_columns = (
             e.c.id, e.c.case_id, e.c.seq, e.c.type, e.c.actor_id, e.c.actor_role,
@@ -216,21 +216,19 @@ class Statements:
         self.outbox_count = sa.select(sa.func.count()).select_from(o)
 
 
-    def events_with_outbox_pg(self, n: int) -> Any:
-        """PostgreSQL: insert ``n`` events and their outbox rows in one statement (one round
-        trip): ``WITH e AS (INSERT … RETURNING id, seq), o AS (INSERT INTO outbox SELECT id
-        FROM e) SELECT id, seq FROM e``. Parameters ``r<i>_<column>``."""
-        stmt = self._events_outbox_pg.get(n)
+    def event_with_outbox_pg(self) -> Any:
+        """PostgreSQL: insert one event and its outbox row in one statement (one round
+        trip): ``WITH e AS (INSERT … RETURNING id), o AS (INSERT INTO outbox SELECT id FROM
+        e) SELECT id FROM e``. (Several rows would need a multi-VALUES insert, which
+        SQLAlchemy compiles anew every time: those take the two-statement way.)"""
+        stmt = self._event_outbox_pg
         if stmt is None:
             e, o = self._tables.events, self._tables.outbox
-            rows = [
-                {c: sa.bindparam(f"r{i}_{c}", type_=e.c[c].type) for c in EVENT_COLUMNS}
-                for i in range(n)
-            ]
-            new = sa.insert(e).values(rows).returning(e.c.id, e.c.seq).cte("new_events")
+            values = {c: sa.bindparam(c, type_=e.c[c].type) for c in EVENT_COLUMNS}
+            new = sa.insert(e).values(values).returning(e.c.id).cte("new_event")
             outbox = sa.insert(o).from_select(["event_id"], sa.select(new.c.id))
-            stmt = self._events_outbox_pg[n] = (
-                sa.select(new.c.id, new.c.seq).add_cte(outbox.cte("new_outbox"))
+            stmt = self._event_outbox_pg = (
+                sa.select(new.c.id).add_cte(outbox.cte("new_outbox"))
             )
         return stmt
 
