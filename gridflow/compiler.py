@@ -397,7 +397,8 @@ class CompiledRules:
                 action = durable_rules_engine.start_action_for_state(handle, state)
                 while action:
                     payload = action[1] if isinstance(action, tuple | list) else action
-                    fired.append(int(next(iter(json.loads(payload)))[1:]))
+                    # the queued action is '{"r<index>": {...message}}': read the rule name
+                    fired.append(int(payload[3 : payload.index('"', 3)]))
                     action = durable_rules_engine.complete_and_start_action(handle, state)
             elif status not in (1, 2):  # 1: no rule matched, 2: observed
                 raise RoutingError(f"rules engine returned status {status} for ruleset {ruleset}")
