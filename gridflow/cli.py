@@ -289,7 +289,7 @@ def report(db_url: str, policy_dir: str | None, period: str | None, by: str,
     from gridflow.indicators import Period, StoreSource, refresh
     from gridflow.report import build_report, grouping, render, to_html, to_json
     from gridflow.store import Store
-    from gridflow.store.aggregates import has_aggregate_tables, has_store_tables
+    from gridflow.store.aggregates import has_aggregate_rows, has_store_tables
 
     try:
         chosen = Period.parse(period)
@@ -326,7 +326,7 @@ def report(db_url: str, policy_dir: str | None, period: str | None, by: str,
         if policy is not None:
             refresh(store, policy)
             source = StoreSource.from_policy(store, policy)
-        elif has_aggregate_tables(store):
+        elif has_aggregate_rows(store):
             source = StoreSource(store)
         else:
             _err.print("no scores in the database yet: pass --policy DIR to compute them",

@@ -38,7 +38,8 @@ from gridflow.errors import (
 from gridflow.handle import PolicyHandle
 from gridflow.policy import Policy
 from gridflow.projection import apply, initial, iso, parse_time
-from gridflow.schema import CaseIn
+from gridflow.schema import CaseIn, ScoringSpec
+from gridflow.scoring import CRITERIA
 from gridflow.store import CaseRecord, EventRecord, IdempotencyConflict, NewEvent, Store
 from gridflow.store.core import StoreTx
 from gridflow.store.unitofwork import UnitOfWork
@@ -152,6 +153,26 @@ class CaseView:
 
 def _invalid(name: str, message: str) -> CaseValidationError:
     return CaseValidationError([FieldError(name, message)])
+
+
+def _criteria(kind: str, criteria: str | Iterable[str] | None) -> list[str] | None:
+    """The criteria a score appeal contests, checked, in :data:`CRITERIA` order."""
+    if criteria is None:
+        return None
+    if kind != "score":
+        raise _invalid("criteria", "only score appeals name criteria")
+    names = [criteria] if isinstance(criteria, str) else criteria
+    try:
+        chosen = list(names)
+    except TypeError:
+        raise _invalid("criteria", "give a list of criterion names") from None
+    unknown = [n for n in chosen if n not in CRITERIA]
+    if unknown:
+        raise _invalid("criteria", f"unknown criterion {unknown[0]!r}; use "
+                                   f"{', '.join(CRITERIA)}")
+    if not chosen:
+        raise _invalid("criteria", "name at least one criterion (or None for all of them)")
+    return [c for c in CRITERIA if c in chosen]
 
 
 @dataclass
@@ -783,9 +804,22 @@ class Engine:
         Reworked ``escalate_after_rework`` times → one tier up."""
         return self._run(case_id, actor, "rework", reason)
 
-    def close(self, case_id: str, actor: Actor, *, note: str | None = None) -> CaseView:
-        """结案 (``verified → closed``)."""
-        return self._run(case_id, actor, "close", note, reason_field="note")
+    def close(
+        self, case_id: str, actor: Actor, *, note: str | None = None, resolution: str = "normal"
+    ) -> CaseView:
+        """结案 (``verified → closed``). ``resolution``: how the case was closed, a key of
+        the policy's scoring ``resolution`` table (default table: ``normal``, ``deferred``,
+        ``special``); recorded in the event unless it is ``normal``, which leaves it to
+        scoring (``deferred`` when the case was ever deferred, else ``normal``)."""
+
+        def effect(c: _Ctx) -> tuple[dict[str, Any], list[NewEvent]]:
+            spec = c.policy.sections.get("scoring")
+            table = (spec if isinstance(spec, ScoringSpec) else ScoringSpec()).resolution
+            if not isinstance(resolution, str) or resolution not in table:
+                raise _invalid("resolution", f"must be one of {', '.join(table)}")
+            return ({} if resolution == "normal" else {"resolution": resolution}), []
+
+        return self._run(case_id, actor, "close", note, effect, reason_field="note")
 
     # -- step 7: evaluate, reopen -----------------------------------------------------
 
@@ -860,11 +894,24 @@ class Engine:
 
     # -- appeals ----------------------------------------------------------------------
 
-    def appeal(self, case_id: str, actor: Actor, kind: str, reason: str) -> CaseView:
+    def appeal(
+        self,
+        case_id: str,
+        actor: Actor,
+        kind: str,
+        reason: str,
+        *,
+        criteria: str | Iterable[str] | None = None,
+    ) -> CaseView:
         """申诉: file a ``routing``, ``score`` or ``resident`` appeal within its window
-        (from dispatch, evaluation and closure respectively). One pending appeal per case."""
+        (from dispatch, evaluation and closure respectively). One pending appeal per case.
+
+        ``criteria`` (score appeals only): the criteria contested, of ``timeliness``,
+        ``resolution``, ``quality`` and ``satisfaction``; upheld, only those are exempt.
+        ``None`` contests the whole score (upheld: every criterion is exempt)."""
         if kind not in _APPEAL_KINDS:
             raise _invalid("kind", f"must be one of {', '.join(_APPEAL_KINDS)}")
+        contested = _criteria(kind, criteria)
         anchor_field = {"routing": "dispatched_at", "score": "evaluated_at",
                         "resident": "closed_at"}[kind]
         anchor_name = {"routing": "dispatch", "score": "evaluation", "resident": "closure"}[kind]
@@ -879,6 +926,8 @@ class Engine:
             anchor = parse_time(c.proj[anchor_field])
             window = c.policy.lifecycle.appeal_windows[kind]
             payload: dict[str, Any] = {"kind": kind, "department": c.actor.department}
+            if contested is not None:
+                payload["criteria"] = contested
             if anchor is not None:
                 deadline = c.calendar.add(anchor, window)
                 if c.now > deadline:
@@ -928,6 +977,8 @@ class Engine:
                 payload["exemption"] = {"kind": "score", "department": current["department"],
                                         "filed_by": current["filed_by"],
                                         "reason": current["reason"]}
+                if current.get("criteria") is not None:
+                    payload["exemption"]["criteria"] = list(current["criteria"])
             else:
                 payload.update(self._reopen_deadline(c))
             return payload, []

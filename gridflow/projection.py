@@ -293,6 +293,8 @@ def _appeal(s: dict[str, Any], e: EventLike, p: Mapping[str, Any], at: str) -> N
         "filed_at": at,
         "reason": e.reason,
     }
+    if p.get("criteria") is not None:  # score appeals naming the criteria they contest
+        s["pending_appeal"]["criteria"] = list(p["criteria"])
 
 
 def _decide_appeal(s: dict[str, Any], e: EventLike, p: Mapping[str, Any], at: str) -> None:

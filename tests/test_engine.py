@@ -561,6 +561,59 @@ def test_appeal_windows(engine: Engine, clock: ManualClock) -> None:
         engine.appeal(done, RESIDENT, "resident", "still broken")
 
 
+def test_score_appeal_names_the_contested_criteria(engine: Engine) -> None:
+    """The criteria are checked, kept in the pending appeal (in the fixed order, once each)
+    and, upheld, put into the exemption; without them the exemption names none (all)."""
+    done = to_state(engine, "evaluated")
+    for bad in (["timeliness", "speed"], [], 42):
+        with pytest.raises(CaseValidationError) as info:
+            engine.appeal(done, CIVIL, "score", "rain", criteria=bad)  # type: ignore[arg-type]
+        assert info.value.fields == ("criteria",)
+    handling = to_state(engine, "handling")
+    with pytest.raises(CaseValidationError) as info:
+        engine.appeal(handling, CIVIL, "routing", "not ours", criteria=["timeliness"])
+    assert info.value.fields == ("criteria",)
+    assert engine.get(done).pending_appeal is None  # nothing was recorded
+    view = engine.appeal(done, CIVIL, "score", "暴雨",
+                         criteria=["quality", "timeliness", "quality"])
+    assert view.pending_appeal is not None
+    assert view.pending_appeal["criteria"] == ["timeliness", "quality"]
+    assert engine.history(done)[-1].payload["criteria"] == ["timeliness", "quality"]
+    view = engine.decide_appeal(done, REVIEWER, upheld=True)
+    assert view.appeals[-1]["criteria"] == ["timeliness", "quality"]
+    ruling = engine.history(done)[-1]
+    assert ruling.type == "uphold_score_appeal"
+    assert ruling.payload["exemption"]["criteria"] == ["timeliness", "quality"]
+    # a single name is one criterion; no criteria: the exemption names none
+    one = to_state(engine, "evaluated")
+    engine.appeal(one, CIVIL, "score", "暴雨", criteria="satisfaction")
+    engine.decide_appeal(one, REVIEWER, upheld=True)
+    assert engine.history(one)[-1].payload["exemption"]["criteria"] == ["satisfaction"]
+    whole = to_state(engine, "evaluated")
+    view = engine.appeal(whole, CIVIL, "score", "暴雨")
+    assert view.pending_appeal is not None and "criteria" not in view.pending_appeal
+    engine.decide_appeal(whole, REVIEWER, upheld=True)
+    assert "criteria" not in engine.history(whole)[-1].payload["exemption"]
+    assert_consistent(engine, done)
+
+
+def test_close_records_how_the_case_was_resolved(engine: Engine) -> None:
+    """``resolution`` is a key of the scoring ``resolution`` table (the example district
+    keeps the default one); ``normal`` is not recorded (scoring derives it)."""
+    cid = to_state(engine, "verified")
+    for bad in ("solved", "", None):
+        with pytest.raises(CaseValidationError) as info:
+            engine.close(cid, SUPERVISOR, resolution=bad)  # type: ignore[arg-type]
+        assert info.value.fields == ("resolution",)
+    assert engine.get(cid).state == "verified"
+    assert engine.close(cid, SUPERVISOR, resolution="special").state == "closed"
+    assert engine.history(cid)[-1].payload["resolution"] == "special"
+    plain = to_state(engine, "verified")
+    engine.close(plain, SUPERVISOR, resolution="normal")
+    assert "resolution" not in engine.history(plain)[-1].payload
+    assert_consistent(engine, cid)
+
+
 def test_reopen_window(engine: Engine, clock: ManualClock) -> None:
     cid = to_state(engine, "evaluated")
     clock.advance(days=2)

@@ -19,7 +19,9 @@ from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from click.testing import CliRunner
 
-from gridflow import cli
+from gridflow import Engine, cli, load_policy
+from gridflow.clock import ManualClock
+from gridflow.indicators import current_scores, refresh
 from gridflow.store import (
     HEAD,
     CaseRecord,
@@ -31,11 +33,22 @@ from gridflow.store import (
     upgrade,
     upgrade_sql,
 )
+from gridflow.store.aggregates import define_aggregate_tables, ensure_aggregate_tables
 from gridflow.store.migrate import alembic_config, version_table
 from tests.conftest import CONCURRENT_BACKENDS, EmptyDatabase
+from tests.test_scoring import WUJIN, Desk, at
+
+TABLES = ("cases", "events", "timers", "outbox", "case_facts", "case_units", "scores")
 
 CST = timezone(timedelta(hours=8))
 T0 = datetime(2026, 3, 9, 9, 0, tzinfo=CST)
+
+
+def models(prefix: str, schema: str | None = None) -> sa.MetaData:
+    """Every table the migrations create: the store's and the derived scoring tables."""
+    metadata = build_tables(prefix, schema).metadata
+    define_aggregate_tables(metadata, prefix)
+    return metadata
 
 
 def drift(engine: sa.Engine, metadata: sa.MetaData, prefix: str, schema: str | None) -> list[Any]:
@@ -69,7 +82,7 @@ def indexes(engine: sa.Engine, prefix: str, schema: str | None) -> dict[str, Any
     out: dict[str, Any] = {}
     with engine.connect() as conn:
         inspector = sa.inspect(conn)
-        for table in ("cases", "events", "timers", "outbox"):
+        for table in TABLES:
             for ix in inspector.get_indexes(f"{prefix}{table}", schema=schema):
                 options = {
                     k: re.sub(r"[\s()]", "", str(v)).lower()
@@ -113,13 +126,23 @@ def test_upgrade_empty_database_to_head_without_drift(empty_db: EmptyDatabase) -
     assert upgrade(empty_db.url, prefix=prefix, schema=empty_db.schema) == HEAD
     engine = make_engine(empty_db.url)
     try:
-        models = build_tables(prefix, empty_db.schema).metadata
-        assert drift(engine, models, prefix, empty_db.schema) == []
-        # the comparison does see differences: a model with one more index is drift
+        assert drift(engine, models(prefix, empty_db.schema), prefix, empty_db.schema) == []
+        # the comparison does see differences: a model with one more index is drift, on
+        # the store's tables and on the scoring tables
         changed = build_tables(prefix, empty_db.schema)
         sa.Index("ix_extra", changed.events.c.type)
-        assert [d[0] for d in drift(engine, changed.metadata, prefix, empty_db.schema)] == [
-            "add_index"
+        facts, _, _ = define_aggregate_tables(changed.metadata, prefix)
+        sa.Index("ix_extra_facts", facts.c.category)
+        added = drift(engine, changed.metadata, prefix, empty_db.schema)
+        assert sorted((d[0], d[1].name) for d in added) == [
+            ("add_index", "ix_extra"), ("add_index", "ix_extra_facts")
+        ]
+        # ... and the scoring tables are compared: without them, they are surplus tables
+        store_only = build_tables(prefix, empty_db.schema).metadata
+        surplus = drift(engine, store_only, prefix, empty_db.schema)
+        assert {d[0] for d in surplus} <= {"remove_table", "remove_index"}
+        assert sorted(d[1].name for d in surplus if d[0] == "remove_table") == [
+            f"{prefix}{t}" for t in ("case_facts", "case_units", "scores")
         ]
         with engine.connect() as conn:
             assert current_revision(conn, prefix, empty_db.schema) == HEAD
@@ -129,8 +152,7 @@ def test_upgrade_empty_database_to_head_without_drift(empty_db: EmptyDatabase) -
         use_store(store)
         with engine.connect() as conn:
             names = set(sa.inspect(conn).get_table_names(schema=empty_db.schema))
-        assert names == {f"{prefix}{t}" for t in ("cases", "events", "timers", "outbox",
-                                                   "alembic_version")}
+        assert names == {f"{prefix}{t}" for t in (*TABLES, "alembic_version")}
     finally:
         engine.dispose()
 
@@ -149,6 +171,7 @@ def test_create_all_matches_the_migrations_and_is_stamped(empty_db: EmptyDatabas
         store = Store(engine, table_prefix="ca_", schema=empty_db.schema)
         store.create_all()
         assert drift(engine, store.metadata, "ca_", empty_db.schema) == []
+        assert drift(engine, models("ca_", empty_db.schema), "ca_", empty_db.schema) == []
         # Alembic does not compare partial indexes' conditions: compare the database's
         # own account of both schemas
         upgrade(engine, prefix="mg_", schema=empty_db.schema)
@@ -160,6 +183,56 @@ def test_create_all_matches_the_migrations_and_is_stamped(empty_db: EmptyDatabas
             assert current_revision(conn, "ca_", empty_db.schema) is None
             assert not [n for n in sa.inspect(conn).get_table_names(schema=empty_db.schema)
                         if n.startswith("ca_")]
+    finally:
+        engine.dispose()
+
+
+def _score_one_case(store: Store, case_id: str) -> None:
+    """``refresh`` fills the scoring tables of ``store`` (and a second one changes nothing)."""
+    policy = load_policy(WUJIN)
+    clock = ManualClock(at(9, 9))
+    desk = Desk(Engine(policy, store, clock), clock)
+    cid = desk.simple(case_id, at(9, 11))
+    first = refresh(store, policy)
+    assert (first.cases, first.scored, first.revisions) == (1, 1, 1)
+    assert {r.subject.role for r in current_scores(store, cid, policy.version)} >= {"lead"}
+    again = refresh(store, policy)
+    assert (again.cases, again.revisions) == (0, 0)
+
+
+def test_refresh_on_migrated_and_on_created_databases(empty_db: EmptyDatabase) -> None:
+    """``refresh`` uses the scoring tables that ``upgrade`` or ``create_all`` made (it does
+    not create them again)."""
+    engine = make_engine(empty_db.url)
+    try:
+        assert upgrade(engine, prefix="mg_", schema=empty_db.schema) == HEAD
+        migrated = Store(engine, table_prefix="mg_", schema=empty_db.schema)
+        _score_one_case(migrated, "MG-1")
+        created = Store(engine, table_prefix="ca_", schema=empty_db.schema)
+        created.create_all()
+        with engine.connect() as conn:
+            names = set(sa.inspect(conn).get_table_names(schema=empty_db.schema))
+            assert current_revision(conn, "ca_", empty_db.schema) == HEAD
+        assert {f"ca_{t}" for t in TABLES} <= names
+        _score_one_case(created, "CA-1")
+        assert drift(engine, models("mg_", empty_db.schema), "mg_", empty_db.schema) == []
+        assert drift(engine, models("ca_", empty_db.schema), "ca_", empty_db.schema) == []
+        created.drop_all()
+    finally:
+        engine.dispose()
+
+
+def test_upgrade_keeps_scoring_tables_refresh_created_before(empty_db: EmptyDatabase) -> None:
+    """A database at 0001 whose scoring tables an earlier ``refresh`` created goes to head
+    (0002 leaves those tables as they are) without drift."""
+    engine = make_engine(empty_db.url)
+    try:
+        assert upgrade(engine, prefix="old_", schema=empty_db.schema, revision="0001") == "0001"
+        store = Store(engine, table_prefix="old_", schema=empty_db.schema)
+        ensure_aggregate_tables(store)
+        assert upgrade(engine, prefix="old_", schema=empty_db.schema) == HEAD
+        assert drift(engine, models("old_", empty_db.schema), "old_", empty_db.schema) == []
+        _score_one_case(store, "OLD-1")
     finally:
         engine.dispose()
 
@@ -185,8 +258,7 @@ def test_upgrades_from_several_nodes_at_once(empty_db: EmptyDatabase) -> None:
     assert results == [HEAD, HEAD, HEAD]
     engine = make_engine(empty_db.url)
     try:
-        assert drift(engine, build_tables("co_", empty_db.schema).metadata, "co_",
-                     empty_db.schema) == []
+        assert drift(engine, models("co_", empty_db.schema), "co_", empty_db.schema) == []
         versions, _ = version_table("co_", empty_db.schema)
         with engine.connect() as conn:
             assert conn.execute(sa.select(versions.c.version_num)).scalars().all() == [HEAD]
@@ -263,6 +335,7 @@ def test_offline_sql_for_review() -> None:
     sql = upgrade_sql("postgresql+psycopg://", prefix="gf_", schema="city")
     assert "CREATE TABLE city.gf_cases" in sql
     assert "CREATE TABLE city.gf_alembic_version" in sql
+    assert "CREATE TABLE city.gf_scores" in sql and "uq_gf_scores_revision" in sql
     mysql = upgrade_sql("mysql+pymysql://")
     assert "utf8mb4_bin" in mysql and "CREATE TABLE gf_outbox" in mysql
 
@@ -283,7 +356,7 @@ def test_cli_db_upgrade(tmp_path: Path) -> None:
     assert again.exit_code == 0 and HEAD in again.output
     engine = make_engine(url)
     try:
-        assert drift(engine, build_tables("city_").metadata, "city_", None) == []
+        assert drift(engine, models("city_"), "city_", None) == []
     finally:
         engine.dispose()
     sql = cli_run("db", "upgrade", "--db", "postgresql+psycopg://", "--sql")
@@ -327,10 +400,9 @@ def test_plain_alembic_command_line(tmp_path: Path) -> None:
     try:
         with engine.connect() as conn:
             assert current_revision(conn, "ops_") == HEAD
-        assert drift(engine, build_tables("ops_").metadata, "ops_", None) == []
+        assert drift(engine, models("ops_"), "ops_", None) == []
     finally:
         engine.dispose()
-
 
 
 @pytest.mark.parametrize(

@@ -355,6 +355,73 @@ def test_score_appeal_naming_a_criterion_exempts_only_that(desk: Desk) -> None:
     assert score is not None and score.composite == 98.0
 
 
+def test_score_appeal_contesting_timeliness_exempts_only_timeliness(desk: Desk) -> None:
+    """Late (83: 30·0.5 + 30 + 20 + 20·0.9); sanitation contests timeliness only, upheld:
+    timeliness is full, the 'basically satisfied' 0.9 stays → 30 + 30 + 20 + 18 = 98, and
+    the case now counts as on time."""
+    engine = desk.engine
+    cid = desk.simple("QSY-12", at(9, 16, 30), "basically_satisfied")
+    refresh(engine.store, engine.policy)
+    desk.at(at(9, 17)).engine.appeal(cid, desk.handler(cid), "score", "暴雨导致清运延误",
+                                     criteria=["timeliness"])
+    desk.at(at(10, 9)).engine.decide_appeal(cid, REVIEWER, upheld=True)
+    f = desk.facts(cid)
+    assert (f.exempt, f.score_appeals, f.on_time) == (("timeliness",), 1, True)
+    assert criteria(desk, cid) == {"timeliness": 1.0, "resolution": 1.0, "quality": 1.0,
+                                   "satisfaction": 0.9, "composite": 98.0}
+    assert refresh(engine.store, engine.policy).revisions == 1
+    lead = [r for r in current_scores(engine.store, cid, engine.policy.version)
+            if r.subject.role == "lead"]
+    assert [(r.revision, r.composite, r.exempt) for r in lead] == [(2, 98.0, ("timeliness",))]
+
+
+def test_score_appeal_contesting_satisfaction_keeps_the_lateness(desk: Desk) -> None:
+    """Late (83); the appeal contests satisfaction only, upheld: 30·0.5 + 30 + 20 + 20 = 85,
+    still late (timeliness 0.5, not on time)."""
+    cid = desk.simple("QSY-13", at(9, 16, 30), "basically_satisfied")
+    desk.at(at(9, 17)).engine.appeal(cid, desk.handler(cid), "score", "回访对象有误",
+                                     criteria=["satisfaction"])
+    desk.at(at(10, 9)).engine.decide_appeal(cid, REVIEWER, upheld=True)
+    f = desk.facts(cid)
+    assert (f.exempt, f.on_time) == (("satisfaction",), False)
+    assert criteria(desk, cid) == {"timeliness": 0.5, "resolution": 1.0, "quality": 1.0,
+                                   "satisfaction": 1.0, "composite": 85.0}
+
+
+def test_rejected_score_appeal_with_criteria_exempts_nothing(desk: Desk) -> None:
+    """Late (83); the appeal names timeliness but is rejected: still 83."""
+    cid = desk.simple("QSY-14", at(9, 16, 30), "basically_satisfied")
+    desk.at(at(9, 17)).engine.appeal(cid, desk.handler(cid), "score", "暴雨",
+                                     criteria=["timeliness"])
+    desk.at(at(10, 9)).engine.decide_appeal(cid, REVIEWER, upheld=False, reason="非不可抗力")
+    f = desk.facts(cid)
+    assert (f.exempt, f.score_appeals) == ((), 0)
+    assert criteria(desk, cid)["composite"] == 83.0
+
+
+@pytest.mark.parametrize(
+    ("resolution", "value", "composite"),
+    [("special", 0.8, 94.0), ("deferred", 0.6, 88.0), ("normal", 1.0, 100.0)],
+)
+def test_close_resolution_sets_the_resolution_criterion(
+    desk: Desk, resolution: str, value: float, composite: float
+) -> None:
+    """Dispatched Monday 09:00, closed 11:00 (on time), satisfied; closed as ``special``
+    (0.8): 30 + 30·0.8 + 20 + 20 = 94; as ``deferred`` (0.6): 30 + 18 + 20 + 20 = 88;
+    ``normal``: 100."""
+    engine = desk.engine
+    cid = desk.report(f"QSY-R-{resolution}", at(9, 9))
+    desk.dispatch(cid, at(9, 9))
+    desk.feedback(cid, at(9, 11))
+    engine.verify(cid, SUPERVISOR)
+    engine.close(cid, SUPERVISOR, resolution=resolution)
+    engine.evaluate(cid, RESIDENT, "satisfied")
+    f = desk.facts(cid)
+    assert (f.on_time, f.resolution, f.ever_deferred) == (True, resolution, False)
+    assert criteria(desk, cid) == {"timeliness": 1.0, "resolution": value, "quality": 1.0,
+                                   "satisfaction": 1.0, "composite": composite}
+
+
 def test_resident_appeal_reopens_and_counts_as_rework(desk: Desk) -> None:
     """Dissatisfied (30 + 30 + 20 + 0 = 80); the upheld resident appeal reopens the case (a
     new 4wh limit from Tuesday 10:00: due 15:30), which is not scored until evaluated again;

@@ -12,6 +12,7 @@ from typing import Any
 from alembic import context
 from sqlalchemy.engine import Connection
 
+from gridflow.store.aggregates import define_aggregate_tables
 from gridflow.store.connect import make_engine
 from gridflow.store.migrate import migration_lock, migration_options
 from gridflow.store.tables import build_tables
@@ -19,6 +20,7 @@ from gridflow.store.tables import build_tables
 config = context.config
 prefix, schema, url = migration_options(config)
 metadata = build_tables(prefix, schema).metadata
+define_aggregate_tables(metadata, prefix)  # the scoring tables (migration 0002)
 version_table = f"{prefix}alembic_version"
 
 

@@ -13,7 +13,9 @@ Three derived tables live beside the store's own, on the store's :class:`~sqlalc
 
 The queries return integer counts and integer sums only (handling time in seconds, the
 composite in hundredths), so that the SQL aggregation equals the in-Python definition
-exactly on every backend. No foreign keys: the tables are caches of derived data.
+exactly on every backend. No foreign keys: the tables are caches of derived data. Migration
+0002 (``gridflow/migrations/versions/r0002_scoring_tables.py``) spells the same tables out
+and :meth:`Store.create_all` creates them; ``tests/test_migrations.py`` checks they agree.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ __all__ = [
     "aggregate_tables",
     "define_aggregate_tables",
     "ensure_aggregate_tables",
+    "has_aggregate_rows",
     "has_aggregate_tables",
     "has_store_tables",
 ]
@@ -163,11 +166,16 @@ def aggregate_tables(store: Store) -> AggregateTables:
 
 def ensure_aggregate_tables(store: Store) -> AggregateTables:
     """:func:`aggregate_tables`, creating the tables in the database when they are missing
-    (production databases get them from the migrations)."""
+    (migration 0002 and :meth:`Store.create_all` create them; this covers databases
+    created before). Tables that exist are left alone."""
     t = aggregate_tables(store)
-    with store.transaction() as tx:
-        store.metadata.create_all(tx.connection, tables=[t.facts, t.units, t.scores],
-                                  checkfirst=True)
+    tables = [t.facts, t.units, t.scores]
+    with store.transaction(readonly=True) as tx:
+        inspector = sa.inspect(tx.connection)
+        missing = [x for x in tables if not inspector.has_table(x.name, schema=x.schema)]
+    if missing:
+        with store.transaction() as tx:
+            store.metadata.create_all(tx.connection, tables=missing, checkfirst=True)
     return t
 
 
@@ -179,6 +187,16 @@ def _has_table(store: Store, table: sa.Table) -> bool:
 def has_aggregate_tables(store: Store) -> bool:
     """Whether the derived tables exist in the database."""
     return _has_table(store, aggregate_tables(store).facts)
+
+
+def has_aggregate_rows(store: Store) -> bool:
+    """Whether a refresh has filled the derived tables (the tables exist — the migrations
+    and ``create_all`` make them — and hold the facts of at least one case)."""
+    if not has_aggregate_tables(store):
+        return False
+    facts = aggregate_tables(store).facts
+    with store.transaction(readonly=True) as tx:
+        return tx.connection.execute(sa.select(facts.c.case_id).limit(1)).first() is not None
 
 
 def has_store_tables(store: Store) -> bool:

@@ -1025,9 +1025,12 @@ class Store:
         """Create the tables (and the PostgreSQL schema) if missing, for tests, demos and
         embedded SQLite. A database created here is stamped with the current migration,
         so :func:`gridflow.store.upgrade` takes over from it later. Production databases
-        are brought to the current schema with :func:`gridflow.store.upgrade`."""
+        are brought to the current schema with :func:`gridflow.store.upgrade`. The
+        derived scoring tables (:mod:`gridflow.store.aggregates`) are created too, as
+        the current migration has them."""
         if self._cache is not None:
             self._cache.clear()
+        self._define_aggregates()
         with self._ddl_connection() as conn:
             schema = self.tables.schema
             if (
@@ -1043,13 +1046,20 @@ class Store:
                 conn.execute(versions.insert().values(version_num=head))
 
     def drop_all(self) -> None:
-        """Drop gridflow's tables and its migration record (the data is gone)."""
+        """Drop gridflow's tables (the derived scoring tables included) and its migration
+        record (the data is gone)."""
         if self._cache is not None:
             self._cache.clear()
+        self._define_aggregates()
         with self._ddl_connection() as conn:
             self.metadata.drop_all(conn)
             versions, _ = version_table(self.tables.prefix, self.tables.schema)
             versions.drop(conn, checkfirst=True)
+
+    def _define_aggregates(self) -> None:
+        from gridflow.store.aggregates import define_aggregate_tables  # imports this module
+
+        define_aggregate_tables(self.metadata, self.tables.prefix)
 
     @contextmanager
     def _ddl_connection(self) -> Iterator[Connection]:
