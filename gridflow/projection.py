@@ -18,26 +18,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
+
+from gridflow.events import EventLike
 
 __all__ = ["EventLike", "apply", "initial", "iso", "parse_time", "project"]
-
-
-class EventLike(Protocol):
-    """What the projection reads of an event (``NewEvent`` and ``EventRecord`` both fit)."""
-
-    @property
-    def type(self) -> str: ...
-    @property
-    def actor_id(self) -> str: ...
-    @property
-    def actor_role(self) -> str: ...
-    @property
-    def at(self) -> datetime: ...
-    @property
-    def reason(self) -> str | None: ...
-    @property
-    def payload(self) -> Mapping[str, Any]: ...
 
 
 def iso(when: datetime) -> str:

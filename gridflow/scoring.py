@@ -22,9 +22,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from itertools import pairwise
-from typing import Any, Protocol
+from typing import Any
 
 from gridflow.calendar import BusinessCalendar, Duration, parse_duration
+from gridflow.events import EventLike
 from gridflow.registry import Registry
 from gridflow.schema import CurvePoint, ScoringSpec
 
@@ -138,21 +139,7 @@ def curve_value(points: Sequence[CurvePoint], x: float) -> float:
 # --------------------------------------------------------------------------- facts
 
 
-class HistoryEvent(Protocol):
-    """What scoring reads of an event (``EventRecord`` and ``NewEvent`` both fit)."""
-
-    @property
-    def type(self) -> str: ...
-    @property
-    def actor_id(self) -> str: ...
-    @property
-    def actor_role(self) -> str: ...
-    @property
-    def at(self) -> datetime: ...
-    @property
-    def reason(self) -> str | None: ...
-    @property
-    def payload(self) -> Mapping[str, Any]: ...
+HistoryEvent = EventLike  # what scoring reads of an event
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ PKG = Path(__file__).resolve().parents[1] / "gridflow"
 
 # module → layer; a module may import gridflow modules of its own layer or below.
 LAYERS = {
-    "errors": 0, "clock": 0,
+    "errors": 0, "clock": 0, "events": 0,
     "calendar": 1, "yamlsrc": 1,
     "schema": 2, "registry": 2,
     "conditions": 3, "analysis": 4, "compiler": 4, "workflow": 4,
