@@ -59,21 +59,8 @@ CASE_FIELDS = (  # the order of CaseRecord's fields
 )
 # Columns an append may leave alone when they did not change (SQLite then rewrites no index
 # entry for them); version, data and updated_at are always written.
-CASE_SCALARS = (
-    "state",
-    "idempotency_key",
-    "category",
-    "unit",
-    "lead_department",
-    "pool",
-    "handler",
-    "tier",
-    "due_at",
-    "warn_at",
-    "reported_at",
-    "dispatched_at",
-    "closed_at",
-    "policy_version",
+CASE_SCALARS = tuple(
+    f for f in CASE_FIELDS if f not in ("case_id", "version", "data", "updated_at")
 )
 EVENT_COLUMNS = (
     "case_id", "seq", "type", "actor_id", "actor_role", "at", "reason", "payload",
