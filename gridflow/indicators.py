@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Protocol
 from zoneinfo import ZoneInfo
@@ -67,8 +67,7 @@ DEFAULT_TZ = "Asia/Shanghai"
 
 def scoring_spec(policy: Policy | None) -> ScoringSpec:
     """The policy's scoring section, or the defaults."""
-    spec = policy.sections.get("scoring") if policy is not None else None
-    return spec if isinstance(spec, ScoringSpec) else ScoringSpec()
+    return policy.scoring if policy is not None else ScoringSpec()
 
 
 # --------------------------------------------------------------------------- periods
@@ -254,6 +253,14 @@ class Tally:
     def add_score(self, centi: int) -> None:
         self.scored += 1
         self.composite_centi += centi
+
+    def add(self, other: Tally) -> None:
+        """Add another tally's counts (exact: all integers)."""
+        for f in fields(self):
+            if f.name != "answers":
+                setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+        for k, v in other.answers.items():
+            self.answers[k] = self.answers.get(k, 0) + v
 
     @classmethod
     def from_sums(cls, sums: Mapping[str, int]) -> Tally:

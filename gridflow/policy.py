@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ from gridflow.calendar import BusinessCalendar, Duration, parse_duration
 from gridflow.errors import Problem
 from gridflow.registry import Registry
 from gridflow.routing import Decision, Router
-from gridflow.schema import CaseIn
+from gridflow.schema import CaseIn, ScoringSpec
 from gridflow.workflow import WorkflowGraph, default_graph
 
 __all__ = ["Lifecycle", "Policy", "RuleTestResult"]
@@ -67,6 +68,12 @@ class Policy:
     @property
     def name(self) -> str:
         return self.registry.name
+
+    @cached_property
+    def scoring(self) -> ScoringSpec:
+        """The scoring section, or the defaults (built once: closing a case reads it)."""
+        spec = self.sections.get("scoring")
+        return spec if isinstance(spec, ScoringSpec) else ScoringSpec()
 
     def validate_case(self, data: CaseIn | Mapping[str, Any]) -> CaseIn:
         return self.router.validate(data)

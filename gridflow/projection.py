@@ -25,9 +25,18 @@ from gridflow.events import EventLike
 __all__ = ["EventLike", "apply", "initial", "iso", "parse_time", "project"]
 
 
+_ISO: dict[datetime, str] = {}  # recent answers: a replay formats the same times often
+
+
 def iso(when: datetime) -> str:
     """A time as the projection stores it: ISO 8601 in UTC."""
-    return when.astimezone(UTC).isoformat()
+    text = _ISO.get(when)
+    if text is None or when.tzinfo is None:  # equal naive and aware times never meet here
+        text = when.astimezone(UTC).isoformat()
+        if len(_ISO) >= 4096:
+            _ISO.clear()
+        _ISO[when] = text
+    return text
 
 
 def parse_time(text: str | None) -> datetime | None:

@@ -55,11 +55,13 @@ from gridflow.scoring import case_facts, score_case, subjects
 from gridflow.store import NewEvent, Store
 
 __all__ = [
+    "CaseOutcome",
     "LifecycleReplay",
     "ReplayError",
     "RouteMemo",
     "Routed",
     "RoutingStats",
+    "RunCounts",
     "fast_policy",
     "replay",
     "replay_routing",
@@ -535,7 +537,7 @@ class _Cast:
                 found = self._actors[key] = Actor(f"gw-{case.location}", self.reporter_role,
                                                   unit=case.location)
             return found
-        key = ("report", None)
+        key = ("intake", case.channel)
         found = self._actors.get(key)
         if found is None:
             found = self._actors[key] = Actor(f"intake-{case.channel}", self.intake_role)
@@ -651,7 +653,86 @@ class CaseOutcome:
                 "overdue": self.overdue, "state": self.state}
 
 
-class LifecycleReplay:
+@dataclass
+class RunCounts:
+    """What a life-cycle replay counted (plain data: shards send theirs to be added up)."""
+
+    cases: int = 0
+    total: Tally = field(default_factory=Tally)
+    by_department: dict[str | None, Tally] = field(default_factory=dict)
+    events: Counter[str] = field(default_factory=Counter)
+    error_count: int = 0
+    error_steps: Counter[str] = field(default_factory=Counter)
+    errors: list[ReplayError] = field(default_factory=list)
+
+
+class _Counted:
+    """The counts of a life-cycle replay and the report made of them."""
+
+    policy: Policy
+    until: datetime | None
+
+    def _counts_init(self, policy: Policy) -> None:
+        self.spec = scoring_spec(policy)
+        self._answers = list(self.spec.satisfaction)
+        self.total = Tally()
+        self.by_department: dict[str | None, Tally] = {}
+        self.events: Counter[str] = Counter()
+        self.errors: list[ReplayError] = []
+        self.error_count = 0
+        self.error_steps: Counter[str] = Counter()
+        self.cases = 0
+
+    def counts(self) -> RunCounts:
+        return RunCounts(self.cases, self.total, self.by_department, self.events,
+                         self.error_count, self.error_steps, self.errors)
+
+    def add_counts(self, c: RunCounts) -> None:
+        """Add another run's counts (a shard's): every count is an integer sum."""
+        self.cases += c.cases
+        self.total.add(c.total)
+        for dept, tally in c.by_department.items():
+            self.by_department.setdefault(dept, Tally()).add(tally)
+        self.events.update(c.events)
+        self.error_count += c.error_count
+        self.error_steps.update(c.error_steps)
+        for e in c.errors:
+            _keep_first(self.errors, e)
+
+    def error(self, record: LogRecord, step: str, message: str, case_id: str | None = None) -> None:
+        self.error_count += 1
+        self.error_steps[step] += 1
+        _keep_first(self.errors, ReplayError(record.row, case_id or record.case.id, step, message))
+
+    def listed_errors(self) -> list[ReplayError]:
+        """The first errors by row (at most 200), whatever the order they happened in."""
+        return sorted(self.errors, key=_error_key)[:_LISTED_ERRORS]
+
+
+    def indicators(self) -> dict[str, Any]:
+        return Indicators.of(self.total, self.spec).to_dict()
+
+    def indicators_by_department(self) -> dict[str, dict[str, Any]]:
+        return {
+            (k if k is not None else "-"): Indicators.of(t, self.spec).to_dict()
+            for k, t in sorted(self.by_department.items(), key=lambda kv: kv[0] or "")
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "cases": self.cases,
+            "until": self.until.isoformat() if self.until is not None else None,
+            "indicators": self.indicators(),
+            "by_department": self.indicators_by_department(),
+            "events": dict(sorted(self.events.items())),
+            "errors": self.error_count,
+            "errors_by_step": dict(sorted(self.error_steps.items())),
+            "error_list": [e.to_dict() for e in self.listed_errors()],
+        }
+
+
+
+class LifecycleReplay(_Counted):
     """Drives records through an :class:`Engine` on a simulated clock (batch mode).
 
     Feed records in ``reported_at`` order (:func:`in_time_order` re-orders a log that is
@@ -690,17 +771,10 @@ class LifecycleReplay:
         self._ticked: datetime | None = None
         self._quiet = False  # no command since the last tick
         self._latest: datetime | None = None
+        self._last_reported: datetime | None = None
         self._batch: Any = None
         self._uow: Any = None
-        self.spec = scoring_spec(policy)
-        self._answers = list(self.spec.satisfaction)
-        self.total = Tally()
-        self.by_department: dict[str | None, Tally] = {}
-        self.events: Counter[str] = Counter()
-        self.errors: list[ReplayError] = []
-        self.error_count = 0
-        self.error_steps: Counter[str] = Counter()
-        self.cases = 0
+        self._counts_init(policy)
         self.finished = False
 
     # -- driving --------------------------------------------------------------------------
@@ -729,23 +803,20 @@ class LifecycleReplay:
         if oc is not None:
             oc.events.extend(events)
 
-    def error(self, record: LogRecord, step: str, message: str, case_id: str | None = None) -> None:
-        self.error_count += 1
-        self.error_steps[step] += 1
-        if len(self.errors) < _LISTED_ERRORS:
-            self.errors.append(ReplayError(record.row, case_id or record.case.id, step, message))
-
     def feed(self, record: LogRecord) -> None:
         """Admit one record (its ``reported_at`` must not precede the replay's clock)."""
         self._start()
         reported = record.case.reported_at
         if reported is None:
-            self.error(record, "admit", "reported_at is required for the life-cycle replay")
+            self.error(record, "admit", MISSING_REPORTED_AT)
             return
-        if self._now is not None and reported < self._now:
-            self.error(record, "admit", f"reported at {reported.isoformat()}, before the "
-                       f"replay's clock ({self._now.isoformat()}): the log is out of order")
+        last = self._last_reported
+        if last is not None and reported < last:
+            # Against the last admitted report, not the clock: the rule then does not
+            # depend on other cases' steps (a sharded replay gives the same answer).
+            self.error(record, "admit", out_of_order(reported, last))
             return
+        self._last_reported = reported
         self._advance(reported, inclusive=False)
         case = record.case if record.case.id is not None else record.case.model_copy(
             update={"id": f"row-{record.row}"}
@@ -904,6 +975,10 @@ class LifecycleReplay:
                 bool(should and not (facts.closed and facts.on_time)),
             ))
 
+    def latest_time(self) -> datetime | None:
+        """Where the replay ends by default: the latest step time of the admitted cases."""
+        return self._latest or self._now
+
     def finish(self) -> None:
         """Run the remaining steps, fire timers up to ``until``, count the open cases."""
         if self.finished:
@@ -911,7 +986,7 @@ class LifecycleReplay:
         self._start()
         while self._steps:  # every remaining step (each may queue the case's next one)
             self._advance(self._steps[0][0], inclusive=True)
-        until = self.until or self._latest or self._now
+        until = self.until or self.latest_time()
         if until is not None:
             self._fire_timers(until, inclusive=True)
         as_of = until or self.clock.now()
@@ -925,29 +1000,27 @@ class LifecycleReplay:
             batch.__exit__(None, None, None)
         self.finished = True
 
-    def indicators(self) -> dict[str, Any]:
-        return Indicators.of(self.total, self.spec).to_dict()
-
-    def indicators_by_department(self) -> dict[str, dict[str, Any]]:
-        return {
-            (k if k is not None else "-"): Indicators.of(t, self.spec).to_dict()
-            for k, t in sorted(self.by_department.items(), key=lambda kv: kv[0] or "")
-        }
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "cases": self.cases,
-            "until": self.until.isoformat() if self.until is not None else None,
-            "indicators": self.indicators(),
-            "by_department": self.indicators_by_department(),
-            "events": dict(sorted(self.events.items())),
-            "errors": self.error_count,
-            "errors_by_step": dict(sorted(self.error_steps.items())),
-            "error_list": [e.to_dict() for e in self.errors],
-        }
-
-
 _SETTLED = frozenset({"closed", "evaluated", "cancelled"})
+
+
+MISSING_REPORTED_AT = "reported_at is required for the life-cycle replay"
+
+
+def out_of_order(reported: datetime, last: datetime) -> str:
+    return (f"reported at {reported.isoformat()}, before the previous case "
+            f"({last.isoformat()}): the log is out of order")
+
+
+def _error_key(e: ReplayError) -> tuple[int, str, str, str]:
+    return (e.row, e.case_id or "", e.step, e.message)
+
+
+def _keep_first(errors: list[ReplayError], error: ReplayError) -> None:
+    """Append; past twice the listed number, keep only the first by row."""
+    errors.append(error)
+    if len(errors) >= 2 * _LISTED_ERRORS:
+        errors.sort(key=_error_key)
+        del errors[_LISTED_ERRORS:]
 
 
 def in_time_order(

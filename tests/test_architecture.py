@@ -19,7 +19,7 @@ LAYERS = {
     "routing": 5, "scoring": 5,
     "policy": 6, "loader": 7, "handle": 7, "projection": 7, "store": 7,
     "engine": 8, "indicators": 9, "importer": 9, "generate": 9,
-    "replay": 10, "report": 10, "testing": 11, "strategies": 11,
+    "replay": 10, "report": 10, "shards": 10, "testing": 11, "strategies": 11,
     "cli": 12, "__main__": 13, "__init__": 13, "migrations": 8,
 }
 OWNERS = {

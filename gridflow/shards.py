@@ -1,0 +1,327 @@
+"""The life-cycle replay over several processes (``gridflow replay --jobs N``).
+
+Cases do not touch each other in the engine: routing reads the case itself, deadlines
+the calendar, supervision fires the case's own timers (at their due time or, when armed
+late, at the time of the command that armed them), and the replay admits a record by
+comparing it with the previous record of the log only. So the records are split by a
+stable hash of the case id over worker processes, each running a
+:class:`~gridflow.replay.LifecycleReplay` on a store of its own; their counts are integer
+sums, and at the end their stores are copied into the target store in one transaction
+(:func:`gridflow.store.transfer.absorb`). The report and the stored cases, events and
+timers are those of a one-process replay — ``tests/test_replay.py`` checks it — except
+the event ids.
+
+Workers are fresh interpreters (``python -m gridflow.shards``; nothing is inherited, each
+loads the policy from its directory and checks its version) talking pickles over their
+stdin/stdout; records go in chunks, their times packed as (local time, zone) pairs:
+pickling an aware ``datetime`` costs a tzinfo reduction each.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+import traceback
+import zlib
+from collections.abc import Callable, Sequence
+from datetime import datetime, tzinfo
+from pathlib import Path
+from typing import IO, Any
+
+from gridflow.importer import LogRecord
+from gridflow.loader import load_policy
+from gridflow.policy import Policy
+from gridflow.replay import (
+    MISSING_REPORTED_AT,
+    CaseOutcome,
+    LifecycleReplay,
+    RunCounts,
+    _Counted,
+    out_of_order,
+)
+from gridflow.schema import CaseIn
+from gridflow.store import Store
+from gridflow.store.transfer import absorb
+
+__all__ = ["ShardedLifecycleReplay", "shard_of"]
+
+_CASE_FIELDS = tuple(CaseIn.model_fields)
+_CASE_TIMES = frozenset(n for n in _CASE_FIELDS if n.endswith("_at"))
+_RECORD_FIELDS = tuple(n for n in LogRecord.__dataclass_fields__ if n not in ("row", "case"))
+_RECORD_TIMES = frozenset(n for n in _RECORD_FIELDS if n.endswith("_at"))
+
+
+def shard_of(case_id: str, jobs: int) -> int:
+    """The worker of a case (stable across runs and Python processes)."""
+    return zlib.crc32(case_id.encode("utf-8")) % jobs
+
+
+class _Packer:
+    """Records as plain tuples; times as (naive local time, index of its zone)."""
+
+    def __init__(self) -> None:
+        self.zones: dict[tzinfo | None, int] = {}
+
+    def time(self, t: datetime | None) -> Any:
+        if t is None:
+            return None
+        zone = self.zones.get(t.tzinfo)
+        if zone is None:
+            zone = self.zones[t.tzinfo] = len(self.zones)
+        return (t.replace(tzinfo=None), zone)
+
+    def record(self, rec: LogRecord) -> tuple[Any, ...]:
+        case = rec.case.__dict__
+        return (
+            rec.row,
+            tuple(self.time(case[n]) if n in _CASE_TIMES else case[n] for n in _CASE_FIELDS),
+            tuple(rec.case.model_fields_set),
+            tuple(self.time(getattr(rec, n)) if n in _RECORD_TIMES else getattr(rec, n)
+                  for n in _RECORD_FIELDS),
+        )
+
+    def chunk(self, records: Sequence[LogRecord]) -> tuple[list[Any], list[tuple[Any, ...]]]:
+        self.zones = {}
+        packed = [self.record(r) for r in records]
+        return list(self.zones), packed
+
+
+def _unpack(zones: list[Any], packed: list[tuple[Any, ...]]) -> list[LogRecord]:
+    def time(v: Any) -> datetime | None:
+        return None if v is None else v[0].replace(tzinfo=zones[v[1]])
+
+    out = []
+    for row, case_values, fields_set, values in packed:
+        given: dict[str, Any] = {
+            n: time(v) if n in _CASE_TIMES else v
+            for n, v in zip(_CASE_FIELDS, case_values, strict=True)
+        }
+        case = CaseIn.model_construct(set(fields_set), **given)
+        rest: dict[str, Any] = {n: time(v) if n in _RECORD_TIMES else v
+                                for n, v in zip(_RECORD_FIELDS, values, strict=True)}
+        out.append(LogRecord(row, case, **rest))
+    return out
+
+
+class _Pipe:
+    """Pickled messages over a pair of byte streams."""
+
+    def __init__(self, reader: IO[bytes], writer: IO[bytes]):
+        self._reader, self._writer = reader, writer
+
+    def send(self, msg: tuple[Any, ...]) -> None:
+        pickle.dump(msg, self._writer, protocol=pickle.HIGHEST_PROTOCOL)
+        self._writer.flush()
+
+    def recv(self) -> Any:
+        return pickle.load(self._reader)
+
+
+def _work(conn: _Pipe) -> None:
+    """A worker: replay the records it is sent into its own store."""
+    try:
+        root, version, db_path, batch_size, outcomes = conn.recv()
+        policy = load_policy(root, strict=False)
+        if policy.version != version:
+            raise RuntimeError(f"the policy in {root} changed during the replay (version "
+                               f"{policy.version}, expected {version})")
+        store = None
+        if db_path is not None:
+            store = Store(f"sqlite:///{db_path}", outbox=False, case_cache=0)
+            store.create_all()
+        seen: list[CaseOutcome] = []
+        run = LifecycleReplay(policy, store, batch_size=batch_size,
+                              on_outcome=seen.append if outcomes else None)
+        while True:
+            msg = conn.recv()
+            if msg[0] == "records":
+                for rec in _unpack(msg[1], msg[2]):
+                    run.feed(rec)
+            elif msg[0] == "latest":
+                conn.send(("latest", run.latest_time()))
+            else:  # finish
+                run.until = msg[1]
+                run.finish()
+                if store is not None:
+                    store.dispose()
+                conn.send(("done", run.counts(), seen))
+                return
+    except BaseException:  # the parent raises it, with the worker's traceback
+        with contextlib.suppress(OSError):
+            conn.send(("error", traceback.format_exc()))
+
+
+class ShardedLifecycleReplay(_Counted):
+    """:class:`~gridflow.replay.LifecycleReplay` over ``jobs`` worker processes (same
+    interface: :meth:`feed`, :meth:`finish`, the counts and the report).
+
+    ``store`` receives every case at :meth:`finish` (it must not hold any of the log's
+    case ids: the copy then fails with ``ConcurrencyConflict`` and copies nothing);
+    ``None`` keeps nothing. ``workdir``: where the workers' databases go meanwhile
+    (default: the system's temporary directory).
+    """
+
+    def __init__(
+        self,
+        policy: Policy,
+        store: Store | None = None,
+        *,
+        jobs: int = 2,
+        until: datetime | None = None,
+        batch_size: int = 20_000,
+        on_outcome: Callable[[CaseOutcome], None] | None = None,
+        workdir: str | Path | None = None,
+        chunk: int = 256,
+    ):
+        if not isinstance(jobs, int) or jobs < 1:
+            raise ValueError("jobs must be a positive integer")
+        self.policy = policy
+        self.store = store
+        self.until = until
+        self.jobs = jobs
+        self.on_outcome = on_outcome
+        self.chunk = chunk
+        self._counts_init(policy)
+        self.finished = False
+        self._last_reported: datetime | None = None
+        self._buffers: list[list[LogRecord]] = [[] for _ in range(jobs)]
+        self._packer = _Packer()
+        self._tmp = (
+            tempfile.TemporaryDirectory(prefix="gridflow-shards-", dir=workdir)
+            if store is not None else None
+        )
+        self._paths = [
+            str(Path(self._tmp.name) / f"shard{i}.db") if self._tmp is not None else None
+            for i in range(jobs)
+        ]
+        self._conns: list[_Pipe] = []
+        self._procs: list[subprocess.Popen[bytes]] = []
+        # A fresh interpreter per worker (not multiprocessing's spawn, which re-runs the
+        # host's __main__ module), importing gridflow from where this process does.
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        try:
+            for path in self._paths:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "gridflow.shards"], stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE, env=env,
+                )
+                assert proc.stdin is not None and proc.stdout is not None
+                self._procs.append(proc)
+                conn = _Pipe(proc.stdout, proc.stdin)
+                self._conns.append(conn)
+                conn.send((str(policy.root), policy.version, path, batch_size,
+                           on_outcome is not None))
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> ShardedLifecycleReplay:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is None:
+            self.finish()
+        self.close()
+
+    def close(self) -> None:
+        """Stop the workers (if still running) and remove their databases."""
+        for proc in self._procs:
+            for stream in (proc.stdin, proc.stdout):
+                if stream is not None:
+                    with contextlib.suppress(OSError):
+                        stream.close()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._conns, self._procs = [], []
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def feed(self, record: LogRecord) -> None:
+        """Admit one record (as :meth:`LifecycleReplay.feed`)."""
+        if self.finished:
+            raise RuntimeError("the replay is finished")
+        reported = record.case.reported_at
+        if reported is None:
+            self.error(record, "admit", MISSING_REPORTED_AT)
+            return
+        last = self._last_reported
+        if last is not None and reported < last:
+            self.error(record, "admit", out_of_order(reported, last))
+            return
+        self._last_reported = reported
+        shard = shard_of(record.case_id, self.jobs)
+        buffer = self._buffers[shard]
+        buffer.append(record)
+        if len(buffer) >= self.chunk:
+            self._send_records(shard)
+
+    def _send_records(self, shard: int) -> None:
+        buffer = self._buffers[shard]
+        if buffer:
+            zones, packed = self._packer.chunk(buffer)
+            self._send(shard, ("records", zones, packed))
+            buffer.clear()
+
+    def _send(self, shard: int, msg: tuple[Any, ...]) -> None:
+        try:
+            self._conns[shard].send(msg)
+        except OSError:  # the worker is gone: its last words say why
+            self._receive(shard, "")
+
+    def _receive(self, shard: int, kind: str) -> tuple[Any, ...]:
+        try:
+            msg: tuple[Any, ...] = self._conns[shard].recv()
+        except (EOFError, OSError, pickle.UnpicklingError):
+            self.close()
+            raise RuntimeError(f"replay worker {shard} stopped unexpectedly") from None
+        if msg[0] == "error":
+            self.close()
+            raise RuntimeError(f"replay worker {shard} failed:\n{msg[1]}")
+        if msg[0] != kind:
+            self.close()
+            raise RuntimeError(f"replay worker {shard}: unexpected message {msg[0]!r}")
+        return msg
+
+    def finish(self) -> None:
+        """Run every shard to the end, add their counts up and copy their stores."""
+        if self.finished:
+            return
+        for shard in range(self.jobs):
+            self._send_records(shard)
+            self._send(shard, ("latest",))
+        latest = [t for s in range(self.jobs) if (t := self._receive(s, "latest")[1])]
+        until = self.until or (max(latest) if latest else None)
+        for shard in range(self.jobs):
+            self._send(shard, ("finish", until))
+        outcomes: list[CaseOutcome] = []
+        for shard in range(self.jobs):
+            _, counts, seen = self._receive(shard, "done")
+            assert isinstance(counts, RunCounts)
+            self.add_counts(counts)
+            outcomes += seen
+        self.until = until
+        if self.store is not None:
+            for path in self._paths:
+                assert path is not None
+                shard_store = Store(f"sqlite:///{path}", outbox=False, case_cache=0)
+                try:
+                    absorb(self.store, shard_store)
+                finally:
+                    shard_store.dispose()
+        self.finished = True
+        self.close()
+        if self.on_outcome is not None:
+            for outcome in sorted(outcomes, key=lambda o: o.row):
+                self.on_outcome(outcome)
+
+
+if __name__ == "__main__":  # a worker: python -m gridflow.shards
+    _work(_Pipe(sys.stdin.buffer, sys.stdout.buffer))
