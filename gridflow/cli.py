@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 invalid input or failed tests, 2 usage error.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -231,7 +232,8 @@ def demo(ctx: click.Context, directory: str, n_cases: int, out_dir: str) -> None
     _out.rule(f"life-cycle replay into {db}")
     ctx.invoke(replay_cmd, directory=directory, cases=str(log), map_file=None,
                compare_dir=None, json_out=None, html_out=None, db_url=f"sqlite:///{db}",
-               mode="lifecycle", on_error=None, until=None)
+               mode="lifecycle", on_error=None, until=None,
+               jobs=max(1, min(os.cpu_count() or 1, 4)))
     _out.rule("report")
     ctx.invoke(report, db_url=f"sqlite:///{db}", policy_dir=directory, period=None,
                by="department", as_of=None, json_out=None, html_out=str(out / "report.html"))
@@ -440,9 +442,12 @@ def _replay_summary(doc: dict[str, Any]) -> None:
               help="Bad rows: report and skip (default), or stop at the first.")
 @click.option("--until", metavar="TIME",
               help="Fire timers up to this time (ISO 8601); default: the log's latest time.")
+@click.option("--jobs", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Worker processes for the life-cycle replay (same report; --db must not "
+                   "hold the log's cases).")
 def replay_cmd(directory: str, cases: str, map_file: str | None, compare_dir: str | None,
                json_out: str | None, html_out: str | None, db_url: str | None, mode: str,
-               on_error: str | None, until: str | None) -> None:
+               on_error: str | None, until: str | None, jobs: int = 1) -> None:
     """Replay a case log (CSV/JSONL) through a policy: routing agreement, life cycle and
     indicators, and with --compare what a rule change would do."""
     from datetime import datetime
@@ -488,7 +493,7 @@ def replay_cmd(directory: str, cases: str, map_file: str | None, compare_dir: st
     try:
         with bar:
             doc = replay(policy, reader, mode=mode, compare=other,  # type: ignore[arg-type]
-                         store=store, until=horizon,
+                         store=store, until=horizon, jobs=jobs,
                          progress=lambda n: bar.update(task, completed=reader.bytes_read,
                                                        rows=f"{n:,}"))
     except LogImportError as exc:

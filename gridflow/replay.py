@@ -1136,6 +1136,7 @@ def replay(
     window: timedelta = timedelta(days=1),
     max_listed: int = 1000,
     progress: Callable[[int], None] | None = None,
+    jobs: int = 1,
 ) -> dict[str, Any]:
     """Replay a log under ``policy`` (and ``compare``); the report as plain data.
 
@@ -1143,8 +1144,14 @@ def replay(
     cycle, indicators), ``auto`` (life cycle when the log has later-step columns).
     ``store``: where the life-cycle replay of ``policy`` is stored (default in-memory
     SQLite; the compared policy always runs in memory). ``progress`` is called with the
-    number of records read, every 1,000 records.
+    number of records read, every 1,000 records. ``jobs`` > 1 runs each life-cycle
+    replay over that many worker processes (:mod:`gridflow.shards`; same report; ``store``
+    must then not hold any of the log's case ids).
     """
+    from gridflow.shards import ShardedLifecycleReplay  # builds on this module
+
+    if not isinstance(jobs, int) or jobs < 1:
+        raise ValueError("jobs must be a positive integer")
     lifecycle = mode == "lifecycle" or (
         mode == "auto" and isinstance(reader, LogReader) and reader.has_steps()
     )
@@ -1156,19 +1163,21 @@ def replay(
     late: list[LogRecord] = []
     cmp_routes = _Compare(max_listed) if compare is not None else None
     cmp_cases = _Compare(max_listed) if compare is not None and lifecycle else None
-    runs: list[LifecycleReplay] = []
+    runs: list[LifecycleReplay | ShardedLifecycleReplay] = []
+
+    def run_of(p: Policy, into: Store | None, side: int) -> Any:
+        outcome = (
+            (lambda o: cmp_cases.offer(o.case_id, o.row, side, o.to_dict()))
+            if cmp_cases is not None else None
+        )
+        if jobs > 1:
+            return ShardedLifecycleReplay(p, into, jobs=jobs, until=until, on_outcome=outcome)
+        return LifecycleReplay(p, into, until=until, on_outcome=outcome)
+
     if lifecycle:
-        runs.append(LifecycleReplay(
-            policy, store, until=until,
-            on_outcome=(lambda o: cmp_cases.offer(o.case_id, o.row, 0, o.to_dict()))
-            if cmp_cases is not None else None,
-        ))
+        runs.append(run_of(policy, store, 0))
         if compare is not None:
-            runs.append(LifecycleReplay(
-                compare, None, until=until,
-                on_outcome=(lambda o: cmp_cases.offer(o.case_id, o.row, 1, o.to_dict()))
-                if cmp_cases is not None else None,
-            ))
+            runs.append(run_of(compare, None, 1))
 
     def routed_summary(r: Routed) -> dict[str, Any]:
         due = r.due_at()
@@ -1195,14 +1204,19 @@ def replay(
     stream: Iterable[LogRecord] = records()
     if lifecycle:
         stream = in_time_order(stream, window=window, on_late=late.append)
-    for rec in stream:
+    try:
+        for rec in stream:
+            for run in runs:
+                run.feed(rec)
         for run in runs:
-            run.feed(rec)
-    for run in runs:
-        for rec in late:
-            run.error(rec, "admit", "out of order by more than the re-ordering window "
-                      f"({window}); sort the log by reported_at")
-        run.finish()
+            for rec in late:
+                run.error(rec, "admit", "out of order by more than the re-ordering window "
+                          f"({window}); sort the log by reported_at")
+            run.finish()
+    finally:
+        for run in runs:
+            if isinstance(run, ShardedLifecycleReplay):
+                run.close()  # workers stop whatever happened
 
     import_report = reader.report if isinstance(reader, LogReader) else ImportReport()
     doc: dict[str, Any] = {

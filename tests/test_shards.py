@@ -1,0 +1,182 @@
+"""Sharded life-cycle replay: N worker processes give the one-process report and store;
+records survive the trip to the workers; stores are gathered whole or not at all."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+from gridflow import load_policy
+from gridflow.errors import ConcurrencyConflict
+from gridflow.generate import Settings, write_log
+from gridflow.importer import LogReader, LogRecord
+from gridflow.replay import CaseOutcome, LifecycleReplay, RouteMemo, replay, to_json
+from gridflow.shards import ShardedLifecycleReplay, _Packer, _unpack, shard_of
+from gridflow.store import Store
+from gridflow.store.transfer import absorb
+from gridflow.strategies import log_records
+
+ROOT = Path(__file__).resolve().parent.parent
+WUJIN_DIR = ROOT / "examples" / "wujin"
+WUJIN = load_policy(WUJIN_DIR)
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory: pytest.TempPathFactory) -> list[LogRecord]:
+    """A generated month (returns, rework, extensions, deferrals) plus bad records: one
+    without a report time, one out of order, one reusing an open case's id."""
+    path = tmp_path_factory.mktemp("log") / "log.csv"
+    write_log(path, WUJIN, 500, seed=7, settings=Settings(days=20),
+              route=RouteMemo(WUJIN).route)
+    recs = list(LogReader(path, policy=WUJIN))
+    first, mid = recs[0], recs[len(recs) // 2]
+    late = dataclasses.replace(first, row=10_001, case=first.case.model_copy(
+        update={"id": "LATE-1"}))
+    no_time = dataclasses.replace(first, row=10_002, case=first.case.model_copy(
+        update={"id": "NO-TIME", "reported_at": None}))
+    again = dataclasses.replace(mid, row=10_003)  # same id, still open then
+    k = len(recs) // 2 + 1
+    return [*recs[:k], again, late, no_time, *recs[k:]]
+
+
+def _stored(store: Store) -> dict[str, Any]:
+    with store.transaction(readonly=True) as tx:
+        cases = list(tx.iter_cases())
+        return {
+            c.case_id: (
+                c.version, c.state, c.data, c.due_at, c.lead_department, c.tier,
+                [(e.seq, e.type, e.actor_id, e.actor_role, e.at, e.reason, e.payload,
+                  e.policy_version) for e in tx.history(c.case_id)],
+                sorted((t.kind, t.due_at, t.fired_at) for t in tx.timers(c.case_id)),
+            )
+            for c in cases
+        }
+
+
+def _file_store(path: Path) -> Store:
+    store = Store(f"sqlite:///{path}", outbox=False)
+    store.create_all()
+    return store
+
+
+def test_sharded_replay_gives_the_one_process_report_and_store(
+    records: list[LogRecord], tmp_path: Path
+) -> None:
+    one_store, many_store = _file_store(tmp_path / "one.db"), _file_store(tmp_path / "many.db")
+    one_seen: list[CaseOutcome] = []
+    many_seen: list[CaseOutcome] = []
+    one = LifecycleReplay(WUJIN, one_store, batch_size=300, on_outcome=one_seen.append)
+    many = ShardedLifecycleReplay(WUJIN, many_store, jobs=3, batch_size=300,
+                                  on_outcome=many_seen.append, chunk=17)
+    for rec in records:
+        one.feed(rec)
+        many.feed(rec)
+    one.finish()
+    many.finish()
+    doc = one.to_dict()
+    assert doc["errors"] >= 3 and doc["errors_by_step"]["admit"] >= 2  # the bad records
+    assert {e["case_id"] for e in doc["error_list"]} >= {"LATE-1", "NO-TIME"}
+    assert to_json(many.to_dict()) == to_json(doc)
+    stored = _stored(one_store)
+    assert len(stored) == one.cases
+    assert any(len(v[7]) for v in stored.values())  # timers were stored
+    assert _stored(many_store) == stored
+    assert sorted(many_seen, key=lambda o: o.row) == sorted(one_seen, key=lambda o: o.row)
+    one_store.dispose()
+    many_store.dispose()
+
+
+def test_replay_with_jobs_writes_the_same_json(
+    records: list[LogRecord], tmp_path: Path
+) -> None:
+    root = tmp_path / "wujin"
+    shutil.copytree(WUJIN_DIR, root)
+    cats = root / "categories.yaml"
+    old = "{code: E01-10, name: 暴露垃圾, name_en: exposed garbage, time_limit: 4wh}"
+    cats.write_text(cats.read_text("utf-8").replace(old, old.replace("4wh", "1wh")), "utf-8")
+    other = load_policy(root)
+    docs = [replay(WUJIN, records, mode="lifecycle", compare=other, jobs=jobs)
+            for jobs in (1, 2)]
+    assert docs[0]["compare"]["lifecycle"]["changed"].get("due_at", 0) > 0
+    assert to_json(docs[0]) == to_json(docs[1])
+
+
+def test_a_worker_that_fails_stops_the_replay_with_its_error(
+    records: list[LogRecord]
+) -> None:
+    moved = dataclasses.replace(WUJIN, version="not-this-version")
+    run = ShardedLifecycleReplay(moved, None, jobs=2)
+    with pytest.raises(RuntimeError, match="changed during the replay"):
+        for rec in records:
+            run.feed(rec)
+        run.finish()
+    run.close()
+
+
+def test_jobs_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="jobs"):
+        ShardedLifecycleReplay(WUJIN, None, jobs=0)
+    with pytest.raises(ValueError, match="jobs"):
+        replay(WUJIN, [], mode="lifecycle", jobs=0)
+
+
+def test_shards_are_stable_and_spread() -> None:
+    ids = [f"G{i:07d}" for i in range(3000)]
+    shards = [shard_of(i, 4) for i in ids]
+    assert shards == [shard_of(i, 4) for i in ids]
+    counts = [shards.count(k) for k in range(4)]
+    assert min(counts) > 600, counts
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(recs=log_records(WUJIN, max_size=8))
+def test_records_survive_the_trip_to_a_worker(recs: list[LogRecord]) -> None:
+    zones, packed = _Packer().chunk(recs)
+    back = _unpack(zones, packed)
+    assert back == recs
+    for a, b in zip(back, recs, strict=True):
+        assert a.case.model_fields_set == b.case.model_fields_set
+        assert a.case.reported_at is not None and b.case.reported_at is not None
+        assert a.case.reported_at.utcoffset() == b.case.reported_at.utcoffset()
+
+
+# --------------------------------------------------------------------------- absorb
+
+
+def _shard_store(tmp_path: Path, records: list[LogRecord], n: int) -> Store:
+    source = _file_store(tmp_path / "shard.db")
+    run = LifecycleReplay(WUJIN, source)
+    for rec in records[:n]:
+        run.feed(rec)
+    run.finish()
+    return source
+
+
+def test_absorb_copies_every_case_whole(
+    store: Store, records: list[LogRecord], tmp_path: Path
+) -> None:
+    source = _shard_store(tmp_path, records, 60)
+    want = _stored(source)
+    assert absorb(store, source) == len(want) > 0
+    assert _stored(store) == want
+    with store.transaction(readonly=True) as tx:
+        cid = next(iter(want))
+        assert [e.seq for e in tx.history(cid)] == list(range(1, want[cid][0] + 1))
+    source.dispose()
+
+
+def test_absorb_copies_nothing_when_a_case_is_already_there(
+    store: Store, records: list[LogRecord], tmp_path: Path
+) -> None:
+    source = _shard_store(tmp_path, records, 30)
+    absorb(store, source)
+    before = _stored(store)
+    with pytest.raises(ConcurrencyConflict):
+        absorb(store, source)
+    assert _stored(store) == before
+    source.dispose()
