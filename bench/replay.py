@@ -32,7 +32,8 @@ from route import raw_durable
 import gridflow
 from gridflow.generate import Settings, write_log
 from gridflow.importer import LogReader, LogRecord
-from gridflow.replay import LifecycleReplay, RouteMemo, replay_routing
+from gridflow.replay import LifecycleReplay, RouteMemo, replay_routing, to_json
+from gridflow.shards import ShardedLifecycleReplay
 from gridflow.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,7 +86,27 @@ def bench_routing(n_rules: int, n_cases: int) -> float:
         return ratio
 
 
-def bench_lifecycle(n_cases: int) -> float:
+def _lifecycle_run(policy: Any, records: list[LogRecord], db: Path, jobs: int) -> tuple[Any, float]:
+    store = Store(f"sqlite:///{db}", outbox=False)
+    store.create_all()
+    t0 = time.perf_counter()
+    run: Any = (LifecycleReplay(policy, store) if jobs == 1 else
+                ShardedLifecycleReplay(policy, store, jobs=jobs))
+    for rec in records:
+        run.feed(rec)
+    run.finish()
+    total_s = time.perf_counter() - t0
+    with store.transaction(readonly=True) as tx:
+        stored = sum(1 for _ in tx.iter_cases())
+    store.dispose()
+    assert stored == run.cases == len(records) and run.error_count == 0
+    return run, total_s
+
+
+def bench_lifecycle(n_cases: int, jobs: int = 2) -> float:
+    """One process (LifecycleReplay) beside ``jobs`` worker processes
+    (ShardedLifecycleReplay, what ``gridflow replay --jobs`` runs), same records, both
+    into a new file SQLite database, counting every case stored; same report checked."""
     policy = gridflow.load_policy(WUJIN)
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "log.csv"
@@ -94,38 +115,17 @@ def bench_lifecycle(n_cases: int) -> float:
         t0 = time.perf_counter()
         records = list(LogReader(log, policy=policy))
         import_s = time.perf_counter() - t0
-        store = Store(f"sqlite:///{Path(tmp) / 'replay.db'}", outbox=False)
-        store.create_all()
-        run = LifecycleReplay(policy, store)
-        engine_s = 0.0
-        command = run._command
-
-        def timed(oc: Any, what: str) -> Any:
-            nonlocal engine_s
-            s = time.perf_counter()
-            try:
-                return command(oc, what)
-            finally:
-                engine_s += time.perf_counter() - s
-
-        run._command = timed  # type: ignore[method-assign]
-        t0 = time.perf_counter()
-        for rec in records:
-            run.feed(rec)
-        run.finish()
-        total_s = time.perf_counter() - t0
-        with store.transaction(readonly=True) as tx:
-            stored = sum(1 for _ in tx.iter_cases())
-        store.dispose()
-        events = sum(run.events.values())
-        ind = run.indicators()
-        assert stored == run.cases == n_cases and run.error_count == 0
-        rate = n_cases / total_s
-        print(f"  {n_cases:,} cases ({events:,} events) into file SQLite: {rate:,.0f} cases/s "
-              f"({total_s:.2f} s; engine commands {engine_s / total_s:.0%} of it); import "
-              f"{n_cases / import_s:,.0f} rows/s; completion {ind['completion_rate']:.4%}, on "
-              f"time {ind['on_time_rate']:.2%}")
-        return rate
+        one, one_s = _lifecycle_run(policy, records, Path(tmp) / "one.db", 1)
+        many, many_s = _lifecycle_run(policy, records, Path(tmp) / "many.db", jobs)
+        assert to_json(one.to_dict()) == to_json(many.to_dict()), "reports differ"
+        events = sum(one.events.values())
+        ind = one.indicators()
+        print(f"  {n_cases:,} cases ({events:,} events), import {n_cases / import_s:,.0f} rows/s; "
+              f"completion {ind['completion_rate']:.4%}, on time {ind['on_time_rate']:.2%}")
+        print(f"  one process:      {n_cases / one_s:>7,.0f} cases/s ({one_s:.2f} s)")
+        print(f"  {jobs} worker processes: {n_cases / many_s:>7,.0f} cases/s ({many_s:.2f} s, "
+              f"incl. start-up and gathering the shards; ×{one_s / many_s:.2f}); same report")
+        return n_cases / many_s
 
 
 def bench_million() -> None:
@@ -158,6 +158,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--routing-cases", type=int, default=50_000)
     ap.add_argument("--lifecycle-cases", type=int, default=20_000)
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2,
+                    help="worker processes of the sharded life-cycle replay")
     ap.add_argument("--million", action="store_true", help="also the 1M-case CSV (RSS)")
     args = ap.parse_args()
     print("routing replay vs raw durable_rules (same rules, same cases, one run)")
@@ -165,7 +167,7 @@ def main() -> None:
     print(f"  target ≥ 5×: {'met' if min(ratios) >= 5 else 'NOT met'} "
           f"(×{min(ratios):.1f} at worst)")
     print("life-cycle replay (batched transactions)")
-    rate = bench_lifecycle(args.lifecycle_cases)
+    rate = bench_lifecycle(args.lifecycle_cases, args.jobs)
     print(f"  target ≥ 3,000 cases/s: {'met' if rate >= 3000 else 'NOT met'}")
     if args.million:
         print("memory")

@@ -54,6 +54,7 @@ SATISFACTION: tuple[str, ...] = ("satisfied", "basically_satisfied", "dissatisfi
 _APPEAL_KINDS = ("routing", "score", "resident")
 _MAX_EVIDENCE = 50
 _MAX_TEXT = 4000
+_TIMER_KEYS = ("state", "due_at", "warn_at", "warned", "overdue")
 _KEY_NAMESPACE = uuid.UUID("8f0c3c1e-6d1a-4f55-9a53-2f1e6b7c9d10")
 
 
@@ -373,8 +374,20 @@ class Engine:
         return out
 
     @staticmethod
-    def _record(proj: Mapping[str, Any], policy_version: str | None) -> CaseRecord:
+    def _record(
+        proj: Mapping[str, Any], policy_version: str | None, before: CaseRecord | None = None
+    ) -> CaseRecord:
+        """The store's row of a projection; times unchanged since ``before`` are reused."""
         decision = proj.get("decision") or {}
+        old = before.data if before is not None else None
+
+        def time(key: str, previous: datetime | None) -> datetime | None:
+            text = proj[key]
+            if old is not None and old[key] == text:
+                return previous
+            return parse_time(text)
+
+        b = before
         return CaseRecord(
             case_id=proj["id"],
             version=proj["version"],
@@ -387,11 +400,11 @@ class Engine:
             pool=proj["pool"],
             handler=proj["handler"],
             tier=proj["tier"],
-            due_at=parse_time(proj["due_at"]),
-            warn_at=parse_time(proj["warn_at"]),
-            reported_at=parse_time(proj["reported_at"]),
-            dispatched_at=parse_time(proj["dispatched_at"]),
-            closed_at=parse_time(proj["closed_at"]),
+            due_at=time("due_at", b.due_at if b else None),
+            warn_at=time("warn_at", b.warn_at if b else None),
+            reported_at=time("reported_at", b.reported_at if b else None),
+            dispatched_at=time("dispatched_at", b.dispatched_at if b else None),
+            closed_at=time("closed_at", b.closed_at if b else None),
             policy_version=decision.get("policy_version", policy_version),
         )
 
@@ -405,6 +418,17 @@ class Engine:
         if not proj["overdue"]:
             out.append(("overdue", datetime.fromisoformat(proj["due_at"])))
         return out
+
+    @classmethod
+    def _replan(cls, tx: StoreTx, case_id: str, old: Mapping[str, Any],
+                new: Mapping[str, Any]) -> None:
+        """Re-arm the timers when the supervised deadline changed. Timers of a case that
+        left supervision are not deleted: ``tick`` skips them (one write less)."""
+        if all(old[k] == new[k] for k in _TIMER_KEYS):
+            return  # what the timers derive from is unchanged
+        timers = cls._timers(new)
+        if timers and timers != cls._timers(old):
+            tx.set_timers(case_id, timers)
 
     def _event(
         self, trigger: str, actor: Actor, now: datetime, reason: str | None,
@@ -1045,11 +1069,8 @@ class Engine:
             if esc is not None:
                 events.append(esc)
                 new = apply(new, esc)
-        updated = self._record(new, policy.version)
-        written = tx.append(updated, record.version, events)
-        timers = self._timers(new)
-        if timers and timers != self._timers(proj):
-            tx.set_timers(case_id, timers)
+        written = tx.append(self._record(new, policy.version, record), record.version, events)
+        self._replan(tx, case_id, proj, new)
         return written
 
     # -- queries ----------------------------------------------------------------------
