@@ -7,6 +7,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -27,6 +28,7 @@ from gridflow.store import (
     StoreTx,
     TransactionConflict,
 )
+from gridflow.store.unitofwork import BatchAborted, UnitOfWork
 
 if TYPE_CHECKING:
     from tests.conftest import TestDatabase
@@ -972,3 +974,333 @@ def test_many_threads_on_one_sqlite_store(tmp_path: Path) -> None:
             return rec.version
 
         assert run_threads(24, advance) == [4] * 24
+
+
+# ------------------------------------------------------------------------ bulk writes
+
+
+def _prefixed(store: Store, db: TestDatabase | None, prefix: str, **kw: Any) -> Store:
+    """Another store on the same database and schema, with its own tables."""
+    if db is not None:
+        other = Store(db.engine, table_prefix=prefix, schema=db.schema, **kw)
+    else:
+        assert store.engine is not None
+        other = Store(store.engine, table_prefix=prefix, **kw)
+    other.create_all()
+    return other
+
+
+def _stored_rows(store: Store, table: str, case_ids: list[str]) -> list[tuple[Any, ...]]:
+    """The rows of the cases as the driver returns them (no SQLAlchemy type processing:
+    the JSON text and time format the database holds), without the event ids."""
+    t = getattr(store.tables, table)
+    cols = [c for c in t.c if c.name != "id"]
+    order = [t.c.case_id, t.c.seq] if table == "events" else [t.c.case_id]
+    stmt = (
+        sa.select(*[sa.type_coerce(c, sa.String).label(c.name) for c in cols])
+        .where(t.c.case_id.in_(case_ids))
+        .order_by(*order)
+    )
+    with store.transaction(readonly=True) as tx:
+        return [tuple(r) for r in tx.connection.execute(stmt)]
+
+
+short_text = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), max_size=12)
+case_columns = st.fixed_dictionaries(
+    {
+        "state": st.text(st.characters(codec="utf-8", exclude_characters="\x00"),
+                         min_size=1, max_size=12),
+        "data": st.dictionaries(st.text(max_size=8), json_values, max_size=4),
+        "category": st.none() | short_text,
+        "unit": st.none() | short_text,
+        "lead_department": st.none() | st.sampled_from(["城管局", "环保局"]),
+        "pool": st.none() | st.sampled_from(["p1", "p2"]),
+        "handler": st.none() | short_text,
+        "tier": st.none() | st.sampled_from(["grid", "street"]),
+        "due_at": st.none() | aware,
+        "warn_at": st.none() | aware,
+        "reported_at": st.none() | aware,
+        "dispatched_at": st.none() | aware,
+        "closed_at": st.none() | aware,
+        "policy_version": st.none() | short_text,
+    }
+)
+event_lists = st.lists(new_events, min_size=1, max_size=3)
+# a case: its first columns and events, whether it has an idempotency key, and maybe a
+# later append (new columns, events, and whether the writer reads the case first)
+case_plans = st.tuples(
+    case_columns,
+    event_lists,
+    st.booleans(),
+    st.none() | st.tuples(case_columns, event_lists, st.booleans()),
+)
+
+
+def test_write_many_stores_what_one_by_one_calls_store(
+    store: Store, server_db: TestDatabase | None
+) -> None:
+    """Two stores (table prefixes) are fed the same cases: one with insert_case/append,
+    one with write_many. The rows they hold — the JSON text and the time encoding
+    included — the versions, update times and what a read returns are the same."""
+    one = _prefixed(store, server_db, "one_gf_", outbox=False)
+    bulk = _prefixed(store, server_db, "bulk_gf_", outbox=False)
+
+    @settings(
+        max_examples=15,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+    @given(
+        plans=st.lists(case_plans, min_size=1, max_size=4),
+        fresh=st.lists(case_plans, max_size=2),
+    )
+    def check(plans: list[Any], fresh: list[Any]) -> None:
+        tag = uuid.uuid4().hex[:12]
+
+        def record(i: int, columns: dict[str, Any], version: int, keyed: bool) -> CaseRecord:
+            key = f"{tag}-key{i}" if keyed else None
+            return CaseRecord(f"{tag}-{i}", version, idempotency_key=key, **columns)
+
+        first = [(record(i, cols, len(evs), keyed), evs)
+                 for i, (cols, evs, keyed, _) in enumerate(plans)]
+        later = [(i, plan[3]) for i, plan in enumerate(plans) if plan[3] is not None]
+        new = [(record(len(plans) + i, cols, len(evs), keyed), evs)
+               for i, (cols, evs, keyed, _) in enumerate(fresh)]
+        ids = [r.case_id for r, _ in first + new]
+
+        def feed(target: Store, bulk_write: bool) -> list[CaseRecord]:
+            inserted = [(replace(r), evs) for r, evs in first]
+            with target.transaction() as tx:
+                if bulk_write:
+                    tx.write_many(inserted, [])
+                else:
+                    for r, evs in inserted:
+                        tx.insert_case(r, evs)
+            appended = []
+            with target.transaction() as tx:
+                for i, (cols, evs, read_first) in later:
+                    version = inserted[i][0].version
+                    if read_first:  # the store then writes only the changed columns
+                        version = tx.require_case(f"{tag}-{i}").version
+                    appended.append((record(i, cols, version, plans[i][2]), version, evs))
+                created = [(replace(r), evs) for r, evs in new]
+                if bulk_write:
+                    tx.write_many(created, appended)
+                else:
+                    for r, evs in created:
+                        tx.insert_case(r, evs)
+                    for r, version, evs in appended:
+                        tx.append(r, version, evs)
+            return [r for r, _ in inserted] + [r for r, _, _ in appended] + [
+                r for r, _ in created
+            ]
+
+        expected, got = feed(one, False), feed(bulk, True)
+        assert [(r.version, r.updated_at) for r in got] == [
+            (r.version, r.updated_at) for r in expected
+        ]
+        assert all(r.updated_at is not None and r.updated_at.tzinfo is UTC for r in got)
+        for table in ("cases", "events"):
+            rows = _stored_rows(bulk, table, ids)
+            assert rows == _stored_rows(one, table, ids)
+            assert len(rows) == (len(ids) if table == "cases" else sum(
+                len(evs) for _, evs in first + new) + sum(len(p[1]) for _, p in later))
+        with one.transaction(readonly=True) as tx_one, \
+                bulk.transaction(readonly=True) as tx_bulk:  # SQLite: from the cache
+            for case_id in ids:
+                assert tx_bulk.require_case(case_id) == tx_one.require_case(case_id)
+                assert [e.seq for e in tx_bulk.history(case_id)] == [
+                    e.seq for e in tx_one.history(case_id)
+                ]
+
+    try:
+        check()
+    finally:
+        for other in (one, bulk):
+            other.drop_all()
+            other.dispose()
+
+
+@pytest.mark.parametrize(
+    ("bad", "field"),
+    [
+        (lambda: ([(new_case("x", reported_at=datetime(2025, 1, 1)), [ev()])], []),
+         "reported_at"),
+        (lambda: ([(new_case("x", version=2), [ev()])], []), "version"),
+        (lambda: ([(new_case("x", version=0), [])], []), "events"),
+        (lambda: ([(new_case("x"), [NewEvent("r", "a", "b", datetime(2025, 1, 1))])], []),
+         "events[0].at"),
+        (lambda: ([(new_case("x", data={"when": at(0)}), [ev()])], []), "data/payload"),
+        (lambda: ([], [(new_case("a", lead_department="部" * 129), 1, [ev("file", 1)])]),
+         "lead_department"),
+        (lambda: ([], [(new_case("a"), 1, [ev("file", 1, payload={"o": object()})])]),
+         "data/payload"),
+        (lambda: ([], [(new_case("a"), 1, [ev("file", 1, actor_id="")])]),
+         "events[0].actor_id"),
+    ],
+)
+def test_write_many_refuses_a_bad_record_before_writing_anything(
+    store: Store,
+    server_db: TestDatabase | None,
+    bad: Callable[[], tuple[list[Any], list[Any]]],
+    field: str,
+) -> None:
+    """The bad record comes last: nothing of the good ones before it is written, and the
+    transaction is still usable."""
+    bulk = (
+        Store(server_db.engine, schema=server_db.schema, outbox=False)
+        if server_db is not None
+        else Store(store.engine, outbox=False)
+    )
+    create(bulk, new_case("a"))
+    bad_inserts, bad_appends = bad()
+    good_inserts = [(new_case("g1"), [ev()]), (new_case("g2", version=2), [ev(), ev("f", 1)])]
+    good_appends = [(new_case("a", state="filed"), 1, [ev("file", 1)])] if not bad_appends else []
+    with bulk.transaction() as tx:
+        with pytest.raises(CaseValidationError) as info:
+            tx.write_many(good_inserts + bad_inserts, good_appends + bad_appends)
+        assert field in info.value.fields
+        events = bulk.tables.events
+        assert tx.connection.execute(
+            sa.select(sa.func.count()).select_from(events)
+        ).scalar_one() == 1
+        assert tx.get_case("g1") is None and tx.get_case("g2") is None
+        assert tx.require_case("a").version == 1
+        tx.write_many([(new_case("after"), [ev()])], [])
+    assert count(bulk, "cases") == 2
+    assert count(bulk, "events") == 2
+
+
+def test_write_many_version_conflict(store: Store, server_db: TestDatabase | None) -> None:
+    bulk = (
+        Store(server_db.engine, schema=server_db.schema, outbox=False)
+        if server_db is not None
+        else Store(store.engine, outbox=False)
+    )
+    for cid in ("a", "b", "c"):
+        create(bulk, new_case(cid))
+    record = new_case("b", state="filed")
+    with pytest.raises(ConcurrencyConflict) as info, bulk.transaction() as tx:
+        tx.write_many(
+            [(new_case("new"), [ev()])],
+            [
+                (new_case("a", state="filed"), 1, [ev("file", 1)]),
+                (record, 3, [ev("file", 1)]),  # stale: the store holds version 1
+                (new_case("c", state="filed"), 1, [ev("file", 1)]),
+            ],
+        )
+    assert (info.value.case_id, info.value.expected_version, info.value.actual_version) == (
+        "b", 3, 1,
+    )
+    assert record.version == 1 and record.updated_at is None  # the record was not stored
+    with pytest.raises(CaseNotFound), bulk.transaction() as tx:
+        tx.write_many([], [(new_case("ghost"), 0, [ev()])])
+    assert count(bulk, "cases") == 3
+    assert count(bulk, "events") == 3
+    with bulk.transaction() as tx:
+        assert [tx.require_case(cid).state for cid in ("a", "b", "c")] == ["reported"] * 3
+
+
+def test_write_many_duplicate_case_id_and_key(
+    store: Store, server_db: TestDatabase | None
+) -> None:
+    bulk = (
+        Store(server_db.engine, schema=server_db.schema, outbox=False)
+        if server_db is not None
+        else Store(store.engine, outbox=False)
+    )
+    create(bulk, new_case("dup", idempotency_key="hotline:1"))
+    with pytest.raises(ConcurrencyConflict) as info, bulk.transaction() as tx:
+        tx.write_many([(new_case("fine"), [ev()]), (new_case("dup"), [ev()])], [])
+    assert not isinstance(info.value, IdempotencyConflict)
+    assert (info.value.case_id, info.value.actual_version) == ("dup", 1)
+    with pytest.raises(IdempotencyConflict) as key_info, bulk.transaction() as tx:
+        tx.write_many([(new_case("other", idempotency_key="hotline:1"), [ev()])], [])
+    assert key_info.value.existing_case_id == "dup"
+    assert key_info.value.attempted_case_id == "other"
+    with pytest.raises(IdempotencyConflict) as twice, bulk.transaction() as tx:
+        tx.write_many([(new_case("k1", idempotency_key="app:7"), [ev()]),
+                       (new_case("k2", idempotency_key="app:7"), [ev()])], [])
+    assert (twice.value.existing_case_id, twice.value.attempted_case_id) == ("k1", "k2")
+    assert count(bulk, "cases") == count(bulk, "events") == 1
+
+
+def test_write_many_with_an_outbox_writes_case_by_case(store: Store) -> None:
+    """The outbox needs the event ids: every event gets its outbox row."""
+    create(store, new_case("a"))
+    with store.transaction() as tx:
+        tx.write_many(
+            [(new_case("b", version=2), [ev(), ev("auto_file", 0.1)])],
+            [(new_case("a", state="filed"), 1, [ev("file", 1)])],
+        )
+    assert count(store, "outbox", "a") == 2
+    assert count(store, "outbox", "b") == 2
+    with store.transaction() as tx:
+        assert tx.require_case("a").state == "filed"
+        assert [e.seq for e in tx.history("b")] == [1, 2]
+
+
+def test_write_many_is_a_few_statements(server_store: Store, request: pytest.FixtureRequest
+                                        ) -> None:
+    """Whatever the number of cases: a savepoint, one insert of the new cases, one update
+    per column set, one insert of the events."""
+    backend = "postgres" if server_store.dialect_name == "postgresql" else "mysql"
+    db: TestDatabase = request.getfixturevalue(f"{backend}_db")
+    bulk = Store(db.engine, schema=db.schema, outbox=False)
+    for i in range(10):
+        create(bulk, new_case(f"old{i}"))
+    statements: list[tuple[str, bool]] = []
+
+    def log(conn: Any, cursor: Any, sql: str, params: Any, context: Any, many: bool) -> None:
+        statements.append((sql.split(None, 1)[0].upper(), many))
+
+    with bulk.transaction() as tx:
+        sa.event.listen(tx.connection, "before_cursor_execute", log)
+        try:
+            tx.write_many(
+                [(new_case(f"new{i}", version=2), [ev(), ev("auto_file", 1)]) for i in range(10)],
+                [(new_case(f"old{i}", state="filed"), 1, [ev("file", 1)]) for i in range(10)],
+            )
+        finally:
+            sa.event.remove(tx.connection, "before_cursor_execute", log)
+    assert [s for s, _ in statements] == ["SAVEPOINT", "INSERT", "UPDATE", "INSERT", "RELEASE"]
+    assert count(bulk, "cases") == 20
+    assert count(bulk, "events") == 40
+
+
+def test_a_failing_flush_rolls_the_batch_back(server_store: Store) -> None:
+    """Another writer moves a case on after the batch read it: the flush raises the
+    conflict and everything since the last commit is gone; inside an engine transaction
+    the flush failure is a BatchAborted."""
+    store = server_store
+    create(store, new_case("shared"))
+    uow = UnitOfWork(store)
+    uow.insert_case(new_case("mine"), [ev()])
+    seen = uow.require_case("shared")
+    with store.transaction() as tx:  # the other writer (no lock: the batch did not ask)
+        tx.append(new_case("shared", state="theirs"), 1, [ev("theirs", 1)])
+    seen = replace(seen, state="ours")
+    uow.append(seen, 1, [ev("ours", 1)])
+    with pytest.raises(ConcurrencyConflict) as info:
+        uow.flush()
+    assert info.value.case_id == "shared"
+    assert uow.flushes == 0
+    with store.transaction() as tx:
+        assert tx.get_case("mine") is None
+        assert tx.require_case("shared").state == "theirs"
+    # the batch goes on from the database as it is
+    uow.insert_case(new_case("again"), [ev()])
+    stale = replace(uow.require_case("shared"), state="ours")
+    with store.transaction() as tx:
+        tx.append(new_case("shared", state="theirs again"), 2, [ev("theirs", 2)])
+    with pytest.raises(BatchAborted) as aborted, uow.transaction():
+        uow.append(stale, 2, [ev("ours", 2)])
+        uow.history("shared")  # flushes first
+    assert isinstance(aborted.value.__cause__, ConcurrencyConflict)
+    uow.commit()
+    with store.transaction() as tx:
+        assert tx.get_case("again") is None
+        assert [e.type for e in tx.history("shared")] == ["report", "theirs", "theirs"]
+    uow.insert_case(new_case("last"), [ev()])
+    uow.commit()
+    assert count(store, "cases") == 2

@@ -6,7 +6,8 @@ connection or session). All work happens in :meth:`Store.transaction`, which yie
 back on any exception. Statements are SQLAlchemy Core, built once per store
 (:mod:`gridflow.store.statements`); on SQLite the hot statements of a command run
 directly on the ``sqlite3`` connection, a file database keeps one connection per thread,
-and recently used case rows are cached (:mod:`gridflow.store.cache`).
+and recently used case rows are cached (:mod:`gridflow.store.cache`). Batch mode writes
+many cases at once with :meth:`StoreTx.write_many` (a few executemany statements).
 
 Concurrency: ``append`` updates the case row only when its ``version`` is the one the
 caller read (``ConcurrencyConflict`` otherwise), then inserts the events with the next
@@ -60,6 +61,7 @@ from gridflow.store.records import (
 from gridflow.store.statements import (
     CASE_SCALARS,
     EVENT_COLUMNS,
+    Compiled,
     SqliteFast,
     Statements,
     encode_json,
@@ -257,6 +259,24 @@ def _data_text(record: CaseRecord) -> str:
     return _json_text(record.data)
 
 
+def _args(stmt: Compiled, values: Mapping[str, Any]) -> list[Any]:
+    """``stmt``'s arguments for ``values`` (a value SQLite cannot store: invalid input)."""
+    try:
+        return stmt.args(values)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise unstorable(exc) from exc
+
+
+class _Undo(Exception):
+    """A bulk write hit a conflict: its savepoint is rolled back."""
+
+
+# bulk writes on the SQLite fast path run in this savepoint (undone on a conflict)
+_SAVEPOINT = "SAVEPOINT gridflow_write_many"
+_ROLLBACK_TO = "ROLLBACK TO SAVEPOINT gridflow_write_many"
+_RELEASE = "RELEASE SAVEPOINT gridflow_write_many"
+
+
 # ---------------------------------------------------------------------------- transaction
 
 
@@ -401,17 +421,7 @@ class StoreTx:
         """
         new_version = expected_version + len(events)
         scalars = _SCALARS(record)
-        seen = self._seen.get(record.case_id)
-        if seen is not None and seen[0] == expected_version:
-            # Only what changed since this transaction read (or wrote) the case is checked
-            # and written: unchanged indexed columns then cost no index maintenance.
-            changed = tuple(
-                name
-                for name, old, new in zip(CASE_SCALARS, seen[1], scalars, strict=True)
-                if old != new or type(old) is not type(new)
-            )
-        else:
-            changed = CASE_SCALARS
+        changed = self._changed(record.case_id, expected_version, scalars)
         errors = _validate_case(record, changed)
         _validate_events(events, errors)
         _raise_invalid(errors)
@@ -446,6 +456,255 @@ class StoreTx:
             self._touched.add(record.case_id)
             self._new_cached[record.case_id] = CachedCase.of(record, text)
         return written
+
+    def write_many(
+        self,
+        inserts: Sequence[tuple[CaseRecord, Sequence[NewEvent]]] = (),
+        appends: Sequence[tuple[CaseRecord, int, Sequence[NewEvent]]] = (),
+    ) -> None:
+        """Create cases and append to existing ones in bulk (batch mode's flush).
+
+        ``inserts`` are ``(record, events)`` pairs as :meth:`insert_case` takes them,
+        ``appends`` ``(record, expected_version, events)`` triples as :meth:`append` takes
+        them. They are written with a few statements — one multi-row insert of the new
+        case rows, one update per set of changed columns, one insert of every event — and
+        store exactly what calling :meth:`insert_case` for each insert and then
+        :meth:`append` for each append would: the same rows and values, ``version`` and
+        ``updated_at`` set on the records in the same way. Only the event ids differ (in
+        another order, and not returned: build :class:`EventRecord` s yourself if needed).
+
+        Every record is checked before anything is written (:class:`CaseValidationError`
+        for the first invalid one, naming its fields). A conflict — a case id or
+        idempotency key already taken, a case no longer at ``expected_version`` or gone —
+        undoes the bulk statements (a savepoint) and then writes the cases one call at a
+        time, so the first conflicting case raises what its own call raises
+        (:class:`IdempotencyConflict`, :class:`ConcurrencyConflict`,
+        :class:`CaseNotFound`), with the cases before it written: roll back.
+
+        A store with an outbox (whose rows need every event's id), or a case named more
+        than once, is written one call at a time to begin with (each record is then
+        checked by its own call).
+        """
+        if not inserts and not appends:
+            return
+        if self._outbox or not self._distinct(inserts, appends):
+            self._write_each(inserts, appends)
+            return
+        fast, raw = self._fast, self._raw
+        sqlite_fast = fast is not None and raw is not None
+        case_rows: list[Any] = []  # argument lists (SQLite fast path) or dicts
+        updates: dict[tuple[str, ...], list[Any]] = {}  # one statement per column set
+        event_rows: list[Any] = []
+        texts: list[str] = []  # the stored ``data`` JSON (fast path), for the cache
+        inserted: list[tuple[CaseRecord, datetime]] = []
+        appended: list[tuple[CaseRecord, int, tuple[Any, ...], datetime]] = []
+        for record, events in inserts:
+            errors = _validate_case(record)
+            _validate_events(events, errors)
+            if record.version != len(events):
+                errors.append(
+                    FieldError("version", f"must equal the number of events ({len(events)})")
+                )
+            _raise_invalid(errors)
+            updated_at = events[-1].at.astimezone(UTC)
+            values = self._case_values(record, updated_at)
+            if fast is not None and raw is not None:
+                text = values["data"] = _data_text(record)
+                texts.append(text)
+                case_rows.append(_args(fast.insert_case, values))
+            else:
+                case_rows.append(values)
+            self._event_rows(record.case_id, 0, events, event_rows, sqlite_fast)
+            inserted.append((record, updated_at))
+        for record, expected_version, events in appends:
+            scalars = _SCALARS(record)
+            changed = self._changed(record.case_id, expected_version, scalars)
+            errors = _validate_case(record, changed)
+            _validate_events(events, errors)
+            _raise_invalid(errors)
+            columns = ("version", "data", "updated_at", *changed)
+            updated_at = events[-1].at.astimezone(UTC)
+            values = {name: getattr(record, name) for name in changed}
+            values["version"] = expected_version + len(events)
+            values["updated_at"] = updated_at
+            values["b_case_id"] = record.case_id
+            values["b_expected"] = expected_version
+            rows = updates.setdefault(columns, [])
+            if fast is not None and raw is not None:
+                text = values["data"] = _data_text(record)
+                texts.append(text)
+                rows.append(_args(fast.update(columns), values))
+            else:
+                values["data"] = record.data
+                rows.append(values)
+            self._event_rows(record.case_id, expected_version, events, event_rows, sqlite_fast)
+            appended.append((record, expected_version + len(events), scalars, updated_at))
+
+        if fast is not None and raw is not None:
+            written = self._bulk_sqlite(fast, raw, case_rows, updates, event_rows)
+        else:
+            written = self._bulk_core(case_rows, updates, event_rows)
+        if not written:  # a conflict: the cases one by one raise what their calls raise
+            self._write_each(inserts, appends)
+            return
+
+        for record, updated_at in inserted:
+            record.updated_at = updated_at
+            self._remember(record)
+        for record, new_version, scalars, updated_at in appended:
+            self._seen[record.case_id] = (new_version, scalars)
+            record.version = new_version
+            record.updated_at = updated_at
+        if sqlite_fast and self._cache is not None:
+            records = [r for r, _ in inserted] + [r for r, *_ in appended]
+            for record, text in zip(records, texts, strict=True):
+                self._touched.add(record.case_id)
+                self._new_cached[record.case_id] = CachedCase.of(record, text)
+
+    @staticmethod
+    def _distinct(
+        inserts: Sequence[tuple[CaseRecord, Sequence[NewEvent]]],
+        appends: Sequence[tuple[CaseRecord, int, Sequence[NewEvent]]],
+    ) -> bool:
+        """Whether no case is named twice (and every case id can be compared)."""
+        ids = [r.case_id for r, _ in inserts] + [r.case_id for r, _, _ in appends]
+        try:
+            return len(set(ids)) == len(ids)
+        except TypeError:  # an unhashable case id: let the one-by-one calls refuse it
+            return False
+
+    def _write_each(
+        self,
+        inserts: Sequence[tuple[CaseRecord, Sequence[NewEvent]]],
+        appends: Sequence[tuple[CaseRecord, int, Sequence[NewEvent]]],
+    ) -> None:
+        for record, events in inserts:
+            self.insert_case(record, events)
+        for record, expected_version, events in appends:
+            self.append(record, expected_version, events)
+
+    def _changed(
+        self, case_id: str, expected_version: int, scalars: tuple[Any, ...]
+    ) -> tuple[str, ...]:
+        """The scalar columns an append of the case checks and writes: only those that
+        changed since this transaction read (or wrote) the case, so unchanged indexed
+        columns cost no index maintenance; all of them if it did not see that version."""
+        seen = self._seen.get(case_id)
+        if seen is None or seen[0] != expected_version:
+            return CASE_SCALARS
+        return tuple(
+            name
+            for name, old, new in zip(CASE_SCALARS, seen[1], scalars, strict=True)
+            if old != new or type(old) is not type(new)
+        )
+
+    @staticmethod
+    def _event_rows(
+        case_id: str, base: int, events: Sequence[NewEvent], rows: list[Any], sqlite_fast: bool
+    ) -> None:
+        """Add the event rows as :meth:`_write_events` writes them: argument tuples in
+        ``EVENT_COLUMNS`` order (SQLite fast path) or dicts."""
+        if sqlite_fast:
+            rows += [
+                (
+                    case_id, seq, ev.type, ev.actor_id, ev.actor_role, time_to_sqlite(ev.at),
+                    ev.reason,
+                    _json_text(ev.payload if type(ev.payload) is dict else dict(ev.payload)),
+                    ev.policy_version,
+                )
+                for seq, ev in enumerate(events, start=base + 1)
+            ]
+        else:
+            rows += [
+                {
+                    "case_id": case_id,
+                    "seq": seq,
+                    "type": ev.type,
+                    "actor_id": ev.actor_id,
+                    "actor_role": ev.actor_role,
+                    "at": ev.at.astimezone(UTC),
+                    "reason": ev.reason,
+                    "payload": dict(ev.payload),
+                    "policy_version": ev.policy_version,
+                }
+                for seq, ev in enumerate(events, start=base + 1)
+            ]
+
+    def _bulk_sqlite(
+        self,
+        fast: SqliteFast,
+        raw: sqlite3.Connection,
+        case_rows: list[Any],
+        updates: dict[tuple[str, ...], list[Any]],
+        event_rows: list[Any],
+    ) -> bool:
+        """The bulk statements on the ``sqlite3`` connection, in a savepoint; ``False``
+        (and nothing written) on a conflict."""
+        fast.execute(raw, _SAVEPOINT, ())
+        try:
+            written = self._bulk_sqlite_statements(fast, raw, case_rows, updates, event_rows)
+        except IntegrityError:  # events of a case someone wrote bypassing its version
+            written = False
+        if not written:
+            fast.execute(raw, _ROLLBACK_TO, ())
+        fast.execute(raw, _RELEASE, ())
+        return written
+
+    @staticmethod
+    def _bulk_sqlite_statements(
+        fast: SqliteFast,
+        raw: sqlite3.Connection,
+        case_rows: list[Any],
+        updates: dict[tuple[str, ...], list[Any]],
+        event_rows: list[Any],
+    ) -> bool:
+        # INSERT … ON CONFLICT DO NOTHING: a taken case id or key shows in the rowcount
+        if case_rows and (
+            fast.execute_many(raw, fast.insert_case.sql, case_rows).rowcount != len(case_rows)
+        ):
+            return False
+        for columns, rows in updates.items():
+            if fast.execute_many(raw, fast.update(columns).sql, rows).rowcount != len(rows):
+                return False
+        fast.execute_many(raw, fast.insert_event.sql, event_rows)
+        return True
+
+    def _bulk_core(
+        self,
+        case_rows: list[dict[str, Any]],
+        updates: dict[tuple[str, ...], list[dict[str, Any]]],
+        event_rows: list[dict[str, Any]],
+    ) -> bool:
+        """The bulk statements as Core executemany, in a savepoint; ``False`` (and nothing
+        written) on a conflict. A value the database cannot store undoes the savepoint too
+        and raises :class:`CaseValidationError`."""
+        try:
+            with self._conn.begin_nested():
+                self._bulk_core_statements(case_rows, updates, event_rows)
+        except _Undo:
+            return False
+        return True
+
+    def _bulk_core_statements(
+        self,
+        case_rows: list[dict[str, Any]],
+        updates: dict[tuple[str, ...], list[dict[str, Any]]],
+        event_rows: list[dict[str, Any]],
+    ) -> None:
+        s = self._s
+        try:
+            if case_rows:
+                self._execute_write(s.insert_case, case_rows)
+            for rows in updates.values():
+                if self._conn.dialect.supports_sane_multi_rowcount:
+                    count = self._execute_write(s.update_case, rows).rowcount
+                else:  # pragma: no cover - every supported driver sums executemany rowcounts
+                    count = sum(self._execute_write(s.update_case, row).rowcount for row in rows)
+                if count != len(rows):
+                    raise _Undo
+            self._execute_write(s.insert_event, event_rows)
+        except IntegrityError as exc:  # a taken case id or key (or a bypassed version)
+            raise _Undo from exc
 
     def history(self, case_id: str) -> list[EventRecord]:
         """Every event of the case, ordered by ``seq``."""

@@ -362,6 +362,15 @@ class SqliteFast:
         except sqlite3.Error as exc:
             raise DBAPIError.instance(sql, args, exc, sqlite3.Error, dialect=self.dialect) from exc
 
+    def execute_many(
+        self, raw: sqlite3.Connection, sql: str, rows: Sequence[Sequence[Any]]
+    ) -> Any:
+        """``executemany`` of arguments already converted (``rowcount`` is their sum)."""
+        try:
+            return raw.executemany(sql, rows)
+        except sqlite3.Error as exc:
+            raise DBAPIError.instance(sql, rows, exc, sqlite3.Error, dialect=self.dialect) from exc
+
     def case_from_row(self, row: Sequence[Any]) -> CaseRecord:
         return CaseRecord(*self.select_case.row(row))
 

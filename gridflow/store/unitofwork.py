@@ -7,8 +7,10 @@ Outside a batch every engine command is one store transaction. Inside
 * each command's events, new projection and timers are buffered;
 * supervision timers of the cases in the working set are kept — and claimed by ``tick``
   — in memory; timers of other cases are claimed in the database as usual;
-* :meth:`UnitOfWork.flush` writes what is buffered into ONE open store transaction (one
-  insert or update per case, whatever the number of commands), and
+* :meth:`UnitOfWork.flush` writes what is buffered into ONE open store transaction, in
+  bulk (:meth:`StoreTx.write_many`: one multi-row insert of the new cases, one update
+  statement per set of changed columns, one insert of all the events — a store with an
+  outbox writes case by case, as its rows need the event ids), and
   :meth:`UnitOfWork.commit` (every ``size`` commands, and at the end of the batch)
   commits it and empties the working set.
 
@@ -16,8 +18,9 @@ Reads the working set cannot answer (``history``, worklist queries) flush first 
 ask the store, inside the same transaction, so they see every earlier command. The
 events, projections and timers stored are those the engine stores command by command
 (``tests/test_replay.py`` checks it); what differs is only the grouping into
-transactions, hence the row ids, and that a failing *flush* rolls back everything since
-the last commit.
+transactions, hence the row ids, and that a failing *flush* or commit (a conflict with
+another writer, a value the database refuses) rolls back everything since the last commit
+and raises — :class:`BatchAborted` when a command's own transaction was what flushed.
 
 A command that fails inside a batch changes nothing, as outside one: the engine buffers
 a command's writes only after all of its checks passed, and a block that fails after
@@ -37,7 +40,12 @@ from typing import Any, cast, overload
 
 import sqlalchemy as sa
 
-from gridflow.errors import CaseNotFound, ConcurrencyConflict, GridflowRuntimeError
+from gridflow.errors import (
+    CaseNotFound,
+    ConcurrencyConflict,
+    GridflowError,
+    GridflowRuntimeError,
+)
 from gridflow.store.core import IdempotencyConflict, Store, StoreTx
 from gridflow.store.records import CaseRecord, EventRecord, NewEvent, TimerRecord
 
@@ -72,6 +80,13 @@ class _Saved:
 
 
 _UNKNOWN: Any = object()
+
+
+def _aborted(exc: Exception) -> BatchAborted:
+    return BatchAborted(
+        f"writing the batch failed ({type(exc).__name__}: {exc}); the batch was rolled "
+        "back to its last commit"
+    )
 
 
 class _Block:
@@ -166,7 +181,12 @@ class UnitOfWork:
             for case_id, events in done:
                 listener(case_id, events)
         if self._commands >= self.size:
-            self.commit()
+            try:
+                self.commit()
+            except BatchAborted:
+                raise
+            except GridflowError as exc:  # the command's writes were lost with the batch
+                raise _aborted(exc) from exc
 
     def _undo(self, journal: dict[str, _Saved | None]) -> None:
         for case_id, saved in journal.items():
@@ -194,23 +214,40 @@ class UnitOfWork:
         )
 
     def flush(self) -> None:
-        """Write everything buffered into the open store transaction (not committed)."""
+        """Write everything buffered into the open store transaction (not committed): the
+        cases in bulk (:meth:`StoreTx.write_many`), then the timers of the owned ones.
+
+        If writing fails, everything since the last commit is rolled back (the working set
+        is emptied) and the error is raised. Inside an engine transaction a gridflow error
+        (a conflict, a value the store refuses) is raised as :class:`BatchAborted`, chained
+        to it: the command must not seem to have failed alone."""
         dirty, self._dirty = self._dirty, {}
         if not dirty:
             return
+        try:
+            self._write(dirty)
+        except BaseException as exc:
+            inside = self._journal is not None
+            self.rollback()
+            if inside and isinstance(exc, GridflowError):
+                raise _aborted(exc) from exc
+            raise
+        self.flushes += 1
+
+    def _write(self, dirty: dict[str, _Entry]) -> None:
         tx = self._db()
+        inserts: list[tuple[CaseRecord, Sequence[NewEvent]]] = []
+        appends: list[tuple[CaseRecord, int, Sequence[NewEvent]]] = []
+        written: list[tuple[_Entry, CaseRecord]] = []
         timer_rows: list[dict[str, Any]] = []
         for case_id, entry in dirty.items():
             if entry.events:
                 record = replace(entry.record)  # the store sets version/updated_at on it
                 if entry.new:
-                    tx.insert_case(record, entry.events)
+                    inserts.append((record, entry.events))
                 else:
-                    tx.append(record, entry.base_version, entry.events)
-                entry.record = record
-                entry.base_version = record.version
-                entry.new = False
-                entry.events = []
+                    appends.append((record, entry.base_version, entry.events))
+                written.append((entry, record))
             if entry.owned:
                 timer_rows += [
                     {"case_id": case_id, "kind": kind, "due_at": due, "fired_at": None}
@@ -220,23 +257,33 @@ class UnitOfWork:
                     {"case_id": case_id, "kind": kind, "due_at": due, "fired_at": at}
                     for (kind, due), (at, stored) in entry.fired.items() if not stored
                 ]
-                entry.owned = False  # the store holds them again
-                entry.unfired, entry.fired = {}, {}
-        if timer_rows:
+        tx.write_many(inserts, appends)
+        for entry, record in written:
+            entry.record = record
+            entry.base_version = record.version
+            entry.new = False
+            entry.events = []
+        if timer_rows:  # after the case rows they belong to
             tx.connection.execute(sa.insert(self.store.tables.timers), timer_rows)
             self._db_next_due = _UNKNOWN
+        for entry in dirty.values():
+            if entry.owned:
+                entry.owned = False  # the store holds them again
+                entry.unfired, entry.fired = {}, {}
         self._heap = []  # owned timers were all written out
         self._keys.clear()
-        self.flushes += 1
 
     def commit(self) -> None:
-        """Flush and commit; the working set is emptied (cases are read again if needed)."""
+        """Flush and commit; the working set is emptied (cases are read again if needed).
+        A failing commit leaves nothing of the batch since the last commit either."""
         self.flush()
         cm, self._cm, self._tx = self._cm, None, None
-        if cm is not None:
-            cm.__exit__(None, None, None)
-            self.commits += 1
-        self._reset()
+        try:
+            if cm is not None:
+                cm.__exit__(None, None, None)
+                self.commits += 1
+        finally:
+            self._reset()
 
     def _reset(self) -> None:
         self._entries.clear()
@@ -250,6 +297,8 @@ class UnitOfWork:
         """Drop everything since the last commit."""
         cm, self._cm, self._tx = self._cm, None, None
         self._reset()
+        # an engine transaction still open has nothing left to undo
+        self._journal, self._claimed, self._block_events = None, False, []
         if cm is not None:
             err = BatchAborted("batch rolled back")
             with suppress(BatchAborted):
