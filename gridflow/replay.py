@@ -53,6 +53,7 @@ from gridflow.routing import Decision, validate_case
 from gridflow.schema import CaseIn
 from gridflow.scoring import case_facts, score_case, subjects
 from gridflow.store import NewEvent, Store
+from gridflow.store.unitofwork import BatchAborted
 
 __all__ = [
     "CaseOutcome",
@@ -891,6 +892,8 @@ class LifecycleReplay(_Counted):
         self.clock.set(when)
         try:
             oc.view = self._command(oc, what)
+        except BatchAborted:
+            raise  # the store lost the uncommitted batch: the replay cannot go on
         except GridflowRuntimeError as exc:
             self.error(oc.record, what, str(exc), oc.case_id)
             oc.failed = True

@@ -437,6 +437,26 @@ def test_a_failing_batch_rolls_back_to_its_last_commit() -> None:
     assert issubclass(BatchAborted, GridflowError)
 
 
+def test_a_replay_stops_when_its_batch_is_lost(
+    log600: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A flush that fails loses the uncommitted batch: the replay must not carry on as
+    if only one step had failed."""
+    from gridflow.errors import ConcurrencyConflict
+    from gridflow.store.core import StoreTx
+
+    def refuse(self: StoreTx, *args: Any, **kwargs: Any) -> None:
+        raise ConcurrencyConflict("someone-else", 0)
+
+    monkeypatch.setattr(StoreTx, "write_many", refuse)
+    run = LifecycleReplay(WUJIN, batch_size=50)
+    with pytest.raises(BatchAborted):
+        for rec in LogReader(log600, policy=WUJIN):
+            run.feed(rec)
+        run.finish()
+    assert run.error_count == 0
+
+
 # --------------------------------------------------------------------------- CLI
 
 
