@@ -456,6 +456,7 @@ def replay_cmd(directory: str, cases: str, map_file: str | None, compare_dir: st
 
     from gridflow.importer import LogImportError, LogReader, load_mapping
     from gridflow.replay import replay, to_html, to_json
+    from gridflow.shards import tuned_gc
     from gridflow.store import Store
 
     policy = _load(directory, report=_err)
@@ -491,7 +492,7 @@ def replay_cmd(directory: str, cases: str, map_file: str | None, compare_dir: st
                    disable=not _err.is_terminal)
     task = bar.add_task("replay", total=max(reader.size, 1), rows=0)
     try:
-        with bar:
+        with bar, tuned_gc():
             doc = replay(policy, reader, mode=mode, compare=other,  # type: ignore[arg-type]
                          store=store, until=horizon, jobs=jobs,
                          progress=lambda n: bar.update(task, completed=reader.bytes_read,

@@ -287,7 +287,7 @@ class Engine:
         return self.store.transaction(readonly=readonly)
 
     def _next_state(
-        self, workflow: Workflow, state: str, trigger: str, role: str, case_id: str
+        self, workflow: Workflow, state: str, trigger: str, role: str, case_id: str | None
     ) -> str:
         """``workflow.next_state``; inside a batch its (pure) answers are remembered."""
         if self._uow is None:
@@ -441,7 +441,7 @@ class Engine:
         actor: Actor, reason: str, cause: str, *, required: bool = False, trigger: str = "escalate",
     ) -> NewEvent | None:
         """The event moving the case one tier up (``None`` at the top unless ``required``)."""
-        workflow.next_state(proj["state"], "escalate", actor.role, case_id=proj["id"])
+        self._next_state(workflow, proj["state"], "escalate", actor.role, proj["id"])
         reg = policy.registry
         tier = proj["tier"] or reg.tiers[0]
         above = policy.lifecycle.tier_above(tier)
@@ -558,7 +558,7 @@ class Engine:
         if on_spot:
             if not proofs:
                 raise _invalid("evidence", "on-the-spot resolution needs photo evidence")
-            workflow.next_state("reported", "resolve_on_spot", actor.role)
+            self._next_state(workflow, "reported", "resolve_on_spot", actor.role, None)
         elif proofs:
             raise _invalid("evidence", "evidence is only taken with on_spot=True at intake")
         now = self._now()
@@ -1058,7 +1058,7 @@ class Engine:
         else:
             return []
         try:
-            workflow.next_state(record.state, trigger, SYSTEM.role, case_id=case_id)
+            self._next_state(workflow, record.state, trigger, SYSTEM.role, case_id)
         except TransitionNotAllowed:
             return []
         events = [self._event(trigger, SYSTEM, now, None, {"due_at": iso(due_at)}, policy)]

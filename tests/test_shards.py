@@ -4,6 +4,7 @@ records survive the trip to the workers; stores are gathered whole or not at all
 from __future__ import annotations
 
 import dataclasses
+import gc
 import shutil
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from gridflow.errors import ConcurrencyConflict
 from gridflow.generate import Settings, write_log
 from gridflow.importer import LogReader, LogRecord
 from gridflow.replay import CaseOutcome, LifecycleReplay, RouteMemo, replay, to_json
-from gridflow.shards import ShardedLifecycleReplay, _Packer, _unpack, shard_of
+from gridflow.shards import ShardedLifecycleReplay, _Packer, _unpack, shard_of, tuned_gc
 from gridflow.store import Store
 from gridflow.store.transfer import absorb
 from gridflow.strategies import log_records
@@ -180,3 +181,12 @@ def test_absorb_copies_nothing_when_a_case_is_already_there(
         absorb(store, source)
     assert _stored(store) == before
     source.dispose()
+
+
+def test_tuned_gc_restores_the_collector_settings() -> None:
+    before = gc.get_threshold()
+    with tuned_gc():
+        assert gc.get_threshold()[0] == 20_000
+        assert gc.get_freeze_count() > 0
+    assert gc.get_threshold() == before
+    assert gc.get_freeze_count() == 0
