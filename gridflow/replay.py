@@ -36,7 +36,7 @@ import json
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from gridflow.calendar import Duration, parse_duration
@@ -764,12 +764,15 @@ class LifecycleReplay(_Counted):
         self.cast = _Cast(self.engine)
         self.batch_size = batch_size
         self.on_outcome = on_outcome
-        self._steps: list[tuple[datetime, int, int, _Open]] = []
-        self._timers: list[tuple[datetime, int, str]] = []  # due times the store may hold
+        # heaps keyed by microseconds since the epoch: aware datetimes of different tzinfo
+        # objects compare through utcoffset() calls, ~20 per heap operation
+        self._steps: list[tuple[int, int, int, _Open]] = []
+        self._timers: list[tuple[int, int, str, datetime]] = []  # due times the store may hold
         self._open: dict[str, _Open] = {}
         self._admitted = 0
         self._now: datetime | None = None
-        self._ticked: datetime | None = None
+        self._now_us = 0
+        self._ticked: int | None = None
         self._quiet = False  # no command since the last tick
         self._latest: datetime | None = None
         self._last_reported: datetime | None = None
@@ -840,14 +843,17 @@ class LifecycleReplay(_Counted):
 
     def _push_step(self, oc: _Open) -> None:
         if oc.next < len(oc.steps):
-            heapq.heappush(self._steps, (oc.steps[oc.next][0], oc.admission, oc.next, oc))
+            when = oc.steps[oc.next][0]
+            heapq.heappush(self._steps, (_us(when), oc.admission, oc.next, oc))
 
     def _advance(self, until: datetime, *, inclusive: bool) -> None:
         steps = self._steps
-        while steps and (steps[0][0] < until or (inclusive and steps[0][0] == until)):
-            when, _adm, _i, oc = heapq.heappop(steps)
+        limit = _us(until) + (1 if inclusive else 0)
+        while steps and steps[0][0] < limit:
+            key, _adm, i, oc = heapq.heappop(steps)
+            when = oc.steps[i][0]
             self._fire_timers(when, inclusive=False)
-            self._now = when
+            self._now, self._now_us = when, key
             self._run_step(oc, when)
 
     def _fire_timers(self, until: datetime, *, inclusive: bool) -> None:
@@ -856,15 +862,21 @@ class LifecycleReplay(_Counted):
         waiting for verification) is used up then and not armed again; one that is already
         due when it is armed fires right after the command that armed it."""
         timers = self._timers
-        while timers and (timers[0][0] < until or (inclusive and timers[0][0] == until)):
-            due = heapq.heappop(timers)[0]
+        if not timers:
+            return
+        limit = _us(until) + (1 if inclusive else 0)
+        while timers and timers[0][0] < limit:
+            key, _adm, _kind, due = heapq.heappop(timers)
             # a timer due before the clock (armed already late) fires at the next tick: now
-            when = due if self._now is None or due > self._now else self._now
-            if when == self._ticked and self._quiet:
+            if self._now is None or key > self._now_us:
+                when, when_us = due, key
+            else:
+                when, when_us = self._now, self._now_us
+            if when_us == self._ticked and self._quiet:
                 continue  # nothing ran since the tick at this very time
-            self._ticked, self._quiet = when, True
+            self._ticked, self._quiet = when_us, True
             self.clock.set(when)
-            self._now = when
+            self._now, self._now_us = when, when_us
             fired = self.engine.tick(when)
             for cid in dict.fromkeys(ev.case_id for ev in fired):
                 other = self._open.get(cid)
@@ -881,9 +893,9 @@ class LifecycleReplay(_Counted):
             return
         oc.timers = pair
         if view.warn_at is not None and not view.warned:
-            heapq.heappush(self._timers, (view.warn_at, oc.admission, "warn"))
+            heapq.heappush(self._timers, (_us(view.warn_at), oc.admission, "warn", view.warn_at))
         if view.due_at is not None and not view.overdue:
-            heapq.heappush(self._timers, (view.due_at, oc.admission, "overdue"))
+            heapq.heappush(self._timers, (_us(view.due_at), oc.admission, "overdue", view.due_at))
 
     def _run_step(self, oc: _Open, when: datetime) -> None:
         what = oc.steps[oc.next][1]
@@ -988,7 +1000,8 @@ class LifecycleReplay(_Counted):
             return
         self._start()
         while self._steps:  # every remaining step (each may queue the case's next one)
-            self._advance(self._steps[0][0], inclusive=True)
+            _key, _adm, i, oc = self._steps[0]
+            self._advance(oc.steps[i][0], inclusive=True)
         until = self.until or self.latest_time()
         if until is not None:
             self._fire_timers(until, inclusive=True)
@@ -1004,6 +1017,13 @@ class LifecycleReplay(_Counted):
         self.finished = True
 
 _SETTLED = frozenset({"closed", "evaluated", "cancelled"})
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _us(when: datetime) -> int:
+    """Microseconds since the epoch (exact; one utcoffset() call)."""
+    d = when - _EPOCH
+    return (d.days * 86_400 + d.seconds) * 1_000_000 + d.microseconds
 
 
 MISSING_REPORTED_AT = "reported_at is required for the life-cycle replay"
