@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from gridflow.calendar import BusinessCalendar, Duration, parse_duration
 from gridflow.clock import Clock, SystemClock
@@ -113,47 +113,48 @@ class CaseView:
 
     @classmethod
     def from_data(cls, data: Mapping[str, Any]) -> CaseView:
-        d = data
         view = object.__new__(cls)
-        # Filled in place: the frozen dataclass __init__ (one object.__setattr__ per field)
-        # costs as much as a replay command's whole projection step.
-        view.__dict__.update(
-            id=d["id"],
-            state=d["state"],
-            version=d["version"],
-            category=d["category"],
-            location=d["location"],
-            unit=d["unit"],
-            lead=d["lead"],
-            assist=tuple(d["assist"]),
-            summoned=tuple(d["summoned"]),
-            tier=d["tier"],
-            pool=d["pool"],
-            handler=d["handler"],
-            reported_at=parse_time(d["reported_at"]),
-            dispatched_at=parse_time(d["dispatched_at"]),
-            due_at=parse_time(d["due_at"]),
-            warn_at=parse_time(d["warn_at"]),
-            closed_at=parse_time(d["closed_at"]),
-            warned=d["warned"],
-            overdue=d["overdue"],
-            returned_by=tuple(d["returned_by"]),
-            rework_count=d["rework_count"],
-            reopen_count=d["reopen_count"],
-            extensions=tuple(d["extensions"]),
-            pending_extension=d["pending_extension"],
-            pending_appeal=d["pending_appeal"],
-            appeals=tuple(d["appeals"]),
-            exemptions=tuple(d["exemptions"]),
-            escalations=tuple(d["escalations"]),
-            satisfaction=d["satisfaction"],
-            on_spot=d["on_spot"],
-            verified=d["verified"],
-            evidence=tuple(d["evidence"]),
-            decision=d["decision"],
-            data=d,
-        )
+        # The other fields are computed when first read (__getattr__): a replay reads a
+        # handful of a command's view, and building all 33 cost as much as the command's
+        # projection step.
+        view.__dict__.update(id=data["id"], state=data["state"], version=data["version"],
+                             data=data)
         return view
+
+    if not TYPE_CHECKING:  # type checkers see the declared fields only
+
+        def __getattr__(self, name: str) -> Any:
+            make = _VIEW_FIELDS.get(name)
+            data = self.__dict__.get("data")
+            if make is None or data is None:
+                raise AttributeError(f"'CaseView' object has no attribute '{name}'")
+            value = self.__dict__[name] = make(data)
+            return value
+
+
+def _times(key: str) -> Callable[[Mapping[str, Any]], Any]:
+    return lambda d: parse_time(d[key])
+
+
+def _tuple(key: str) -> Callable[[Mapping[str, Any]], Any]:
+    return lambda d: tuple(d[key])
+
+
+def _plain(key: str) -> Callable[[Mapping[str, Any]], Any]:
+    return lambda d: d[key]
+
+
+_VIEW_FIELDS: dict[str, Callable[[Mapping[str, Any]], Any]] = {
+    **{k: _plain(k) for k in (
+        "category", "location", "unit", "lead", "tier", "pool", "handler", "warned", "overdue",
+        "rework_count", "reopen_count", "pending_extension", "pending_appeal", "satisfaction",
+        "on_spot", "verified", "decision")},
+    **{k: _tuple(k) for k in (
+        "assist", "summoned", "returned_by", "extensions", "appeals", "exemptions",
+        "escalations", "evidence")},
+    **{k: _times(k) for k in (
+        "reported_at", "dispatched_at", "due_at", "warn_at", "closed_at")},
+}
 
 
 def _invalid(name: str, message: str) -> CaseValidationError:

@@ -624,3 +624,29 @@ def test_reopen_window(engine: Engine, clock: ManualClock) -> None:
     clock.advance(days=8)
     with pytest.raises(TransitionNotAllowed, match="reopen window"):
         engine.reopen(late, RESIDENT, "late")
+
+
+def test_a_view_reads_every_field_from_its_projection() -> None:
+    """CaseView.from_data fills fields on first read: each equals the eager conversion."""
+    import dataclasses
+
+    from gridflow.engine import CaseView
+    from gridflow.projection import initial, parse_time
+
+    data = initial()
+    data.update(id="v1", state="dispatched", version=3, lead="sanitation", tier="street",
+                assist=["police"], due_at="2026-03-10T01:00:00+00:00", warned=True,
+                escalations=[{"from": "grid", "to": "street"}])
+    view = CaseView.from_data(data)
+    for f in dataclasses.fields(CaseView):
+        raw = data.get(f.name) if f.name != "data" else data
+        if f.name.endswith("_at"):
+            want: Any = parse_time(str(raw) if raw is not None else None)
+        elif isinstance(raw, list):
+            want = tuple(raw)
+        else:
+            want = raw
+        assert getattr(view, f.name) == want, f.name
+    assert view == CaseView(**{f.name: getattr(view, f.name) for f in dataclasses.fields(view)})
+    with pytest.raises(AttributeError):
+        view.nothing  # type: ignore[attr-defined]  # noqa: B018

@@ -557,8 +557,11 @@ class StoreTx:
             record.updated_at = updated_at
         if sqlite_fast and self._cache is not None:
             records = [r for r, _ in inserted] + [r for r, *_ in appended]
-            for record, text in zip(records, texts, strict=True):
-                self._touched.add(record.case_id)
+            self._touched.update(r.case_id for r in records)
+            # only the last ones would stay in the cache (a hit is checked by version, so
+            # an older entry of a case written here is never served)
+            keep = self._cache.size
+            for record, text in zip(records[-keep:], texts[-keep:], strict=True):
                 self._new_cached[record.case_id] = CachedCase.of(record, text)
 
     @staticmethod
