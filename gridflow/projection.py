@@ -30,6 +30,8 @@ _ISO: dict[datetime, str] = {}  # recent answers: a replay formats the same time
 
 def iso(when: datetime) -> str:
     """A time as the projection stores it: ISO 8601 in UTC."""
+    if when.tzinfo is UTC:
+        return when.isoformat()
     text = _ISO.get(when)
     if text is None or when.tzinfo is None:  # equal naive and aware times never meet here
         text = when.astimezone(UTC).isoformat()

@@ -875,9 +875,9 @@ class LifecycleReplay(_Counted):
             if when_us == self._ticked and self._quiet:
                 continue  # nothing ran since the tick at this very time
             self._ticked, self._quiet = when_us, True
-            self.clock.set(when)
+            self.clock.set(when.astimezone(UTC))  # UTC: formats fastest
             self._now, self._now_us = when, when_us
-            fired = self.engine.tick(when)
+            fired = self.engine.tick(self.clock.now())
             for cid in dict.fromkeys(ev.case_id for ev in fired):
                 other = self._open.get(cid)
                 if other is not None:
@@ -901,7 +901,7 @@ class LifecycleReplay(_Counted):
         what = oc.steps[oc.next][1]
         oc.next += 1
         self._quiet = False
-        self.clock.set(when)
+        self.clock.set(when.astimezone(UTC))  # UTC: formats fastest
         try:
             oc.view = self._command(oc, what)
         except BatchAborted:
