@@ -118,7 +118,7 @@ def tuned_gc() -> Iterator[None]:
     before = gc.get_threshold()
     gc.collect()
     gc.freeze()
-    gc.set_threshold(20_000, 20, 20)
+    gc.set_threshold(20_000, 10, 10)
     try:
         yield
     finally:
