@@ -683,6 +683,22 @@ class _Counted:
         self.error_count = 0
         self.error_steps: Counter[str] = Counter()
         self.cases = 0
+        self._last_reported: datetime | None = None
+
+    def _in_order(self, record: LogRecord) -> datetime | None:
+        """The record's report time if it can be admitted; else count the error, ``None``.
+        Order is checked against the last admitted report, not the clock: the rule then
+        does not depend on other cases' steps (a sharded replay gives the same answer)."""
+        reported = record.case.reported_at
+        if reported is None:
+            self.error(record, "admit", MISSING_REPORTED_AT)
+            return None
+        last = self._last_reported
+        if last is not None and reported < last:
+            self.error(record, "admit", out_of_order(reported, last))
+            return None
+        self._last_reported = reported
+        return reported
 
     def counts(self) -> RunCounts:
         return RunCounts(self.cases, self.total, self.by_department, self.events,
@@ -775,7 +791,6 @@ class LifecycleReplay(_Counted):
         self._ticked: int | None = None
         self._quiet = False  # no command since the last tick
         self._latest: datetime | None = None
-        self._last_reported: datetime | None = None
         self._batch: Any = None
         self._uow: Any = None
         self._counts_init(policy)
@@ -810,17 +825,9 @@ class LifecycleReplay(_Counted):
     def feed(self, record: LogRecord) -> None:
         """Admit one record (its ``reported_at`` must not precede the replay's clock)."""
         self._start()
-        reported = record.case.reported_at
+        reported = self._in_order(record)
         if reported is None:
-            self.error(record, "admit", MISSING_REPORTED_AT)
             return
-        last = self._last_reported
-        if last is not None and reported < last:
-            # Against the last admitted report, not the clock: the rule then does not
-            # depend on other cases' steps (a sharded replay gives the same answer).
-            self.error(record, "admit", out_of_order(reported, last))
-            return
-        self._last_reported = reported
         self._advance(reported, inclusive=False)
         case = record.case if record.case.id is not None else record.case.model_copy(
             update={"id": f"row-{record.row}"}

@@ -36,14 +36,7 @@ from typing import IO, Any
 from gridflow.importer import LogRecord
 from gridflow.loader import load_policy
 from gridflow.policy import Policy
-from gridflow.replay import (
-    MISSING_REPORTED_AT,
-    CaseOutcome,
-    LifecycleReplay,
-    RunCounts,
-    _Counted,
-    out_of_order,
-)
+from gridflow.replay import CaseOutcome, LifecycleReplay, RunCounts, _Counted
 from gridflow.schema import CaseIn
 from gridflow.store import Store
 from gridflow.store.transfer import absorb
@@ -212,7 +205,6 @@ class ShardedLifecycleReplay(_Counted):
         self.chunk = chunk
         self._counts_init(policy)
         self.finished = False
-        self._last_reported: datetime | None = None
         self._buffers: list[list[LogRecord]] = [[] for _ in range(jobs)]
         self._packer = _Packer()
         self._tmp = (
@@ -273,15 +265,8 @@ class ShardedLifecycleReplay(_Counted):
         """Admit one record (as :meth:`LifecycleReplay.feed`)."""
         if self.finished:
             raise RuntimeError("the replay is finished")
-        reported = record.case.reported_at
-        if reported is None:
-            self.error(record, "admit", MISSING_REPORTED_AT)
+        if self._in_order(record) is None:
             return
-        last = self._last_reported
-        if last is not None and reported < last:
-            self.error(record, "admit", out_of_order(reported, last))
-            return
-        self._last_reported = reported
         shard = shard_of(record.case_id, self.jobs)
         buffer = self._buffers[shard]
         buffer.append(record)
