@@ -10,8 +10,9 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 from rich.console import Console
@@ -265,6 +266,28 @@ def _route_samples(directory: str) -> None:
 # --------------------------------------------------------------------------- report
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _table_options(f: F) -> F:
+    """``--prefix`` and ``--schema``: where gridflow's tables are (as in ``db upgrade``)."""
+    f = click.option("--schema", default=None,
+                     help="PostgreSQL schema / MariaDB database of the tables.")(f)
+    return click.option("--prefix", default="gf_", show_default=True,
+                        help="Prefix of gridflow's table names.")(f)
+
+
+def _store(db_url: str, *, prefix: str, schema: str | None, outbox: bool = True) -> Any:
+    from gridflow.store import Store
+
+    try:
+        return Store(db_url, table_prefix=prefix, schema=schema, outbox=outbox)
+    except ValueError as exc:  # a bad prefix/schema name
+        raise click.BadParameter(str(exc), param_hint="--prefix/--schema") from None
+    except Exception as exc:  # a malformed URL or a missing database driver
+        raise click.BadParameter(str(exc), param_hint="--db") from None
+
+
 @main.command()
 @click.option("--db", "db_url", required=True, metavar="URL",
               help="Database URL, e.g. sqlite:///gridflow.db or postgresql+psycopg://…")
@@ -284,14 +307,15 @@ def _route_samples(directory: str) -> None:
               help="Write the report as JSON ('-': to stdout, instead of the tables).")
 @click.option("--html", "html_out", type=click.Path(dir_okay=False), metavar="OUT",
               help="Write the report as one self-contained HTML file.")
+@_table_options
 def report(db_url: str, policy_dir: str | None, period: str | None, by: str,
-           as_of: str | None, json_out: str | None, html_out: str | None) -> None:
+           as_of: str | None, json_out: str | None, html_out: str | None,
+           prefix: str = "gf_", schema: str | None = None) -> None:
     """Indicators, rankings and scores of the cases in a database (see docs/scoring.md)."""
     from datetime import datetime
 
     from gridflow.indicators import Period, StoreSource, refresh
     from gridflow.report import build_report, grouping, render, to_html, to_json
-    from gridflow.store import Store
     from gridflow.store.aggregates import has_aggregate_rows, has_store_tables
 
     try:
@@ -317,10 +341,7 @@ def report(db_url: str, policy_dir: str | None, period: str | None, by: str,
         path = db_url.removeprefix("sqlite:///").split("?")[0]
         if path and path != ":memory:" and not Path(path).exists():
             raise click.BadParameter(f"no database file {path}", param_hint="--db")
-    try:
-        store = Store(db_url)
-    except Exception as exc:  # a malformed URL or a missing database driver
-        raise click.BadParameter(str(exc), param_hint="--db") from None
+    store = _store(db_url, prefix=prefix, schema=schema)
     try:
         if not has_store_tables(store):
             _err.print(f"{db_url}: no gridflow tables (run `gridflow db upgrade --db URL` "
@@ -446,9 +467,11 @@ def _replay_summary(doc: dict[str, Any]) -> None:
 @click.option("--jobs", default=1, show_default=True, type=click.IntRange(min=1),
               help="Worker processes for the life-cycle replay (same report; --db must not "
                    "hold the log's cases).")
+@_table_options
 def replay_cmd(directory: str, cases: str, map_file: str | None, compare_dir: str | None,
                json_out: str | None, html_out: str | None, db_url: str | None, mode: str,
-               on_error: str | None, until: str | None, jobs: int = 1) -> None:
+               on_error: str | None, until: str | None, jobs: int = 1, prefix: str = "gf_",
+               schema: str | None = None) -> None:
     """Replay a case log (CSV/JSONL) through a policy: routing agreement, life cycle and
     indicators, and with --compare what a rule change would do."""
     from datetime import datetime
@@ -458,7 +481,6 @@ def replay_cmd(directory: str, cases: str, map_file: str | None, compare_dir: st
     from gridflow.importer import LogImportError, LogReader, load_mapping
     from gridflow.replay import replay, to_html, to_json
     from gridflow.shards import tuned_gc
-    from gridflow.store import Store
 
     policy = _load(directory, report=_err)
     other = _load(compare_dir, report=_err) if compare_dir else None
@@ -483,10 +505,11 @@ def replay_cmd(directory: str, cases: str, map_file: str | None, compare_dir: st
                        on_error=on_error)  # type: ignore[arg-type]
     store = None
     if db_url:
+        store = _store(db_url, prefix=prefix, schema=schema, outbox=False)
         try:
-            store = Store(db_url, outbox=False)
             store.create_all()
-        except Exception as exc:  # a malformed URL or a missing database driver
+        except Exception as exc:  # the database refused (no such database, no rights)
+            store.dispose()
             raise click.BadParameter(str(exc), param_hint="--db") from None
     bar = Progress(TextColumn("replay"), BarColumn(), TextColumn("{task.fields[rows]} rows"),
                    TimeRemainingColumn(), console=_err, transient=True,

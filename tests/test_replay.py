@@ -484,6 +484,35 @@ def test_cli_generate_and_replay(tmp_path: Path, changed_policy: Policy) -> None
     assert result.exit_code == 0 and json.loads(result.output)["mode"] == "routing"
 
 
+def test_cli_replay_and_report_with_a_table_prefix_and_jobs(log600: Path, tmp_path: Path) -> None:
+    """--jobs gives the one-process JSON; --prefix puts the tables under another name,
+    and report finds them only with the same prefix."""
+    runner = CliRunner()
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    result = runner.invoke(main, ["replay", str(WUJIN_DIR), str(log600), "--json", str(one),
+                                  "--db", url, "--prefix", "city_"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(main, ["replay", str(WUJIN_DIR), str(log600), "--json", str(two),
+                                  "--jobs", "2"])
+    assert result.exit_code == 0, result.output
+    assert one.read_bytes() == two.read_bytes()
+    store = Store(url, table_prefix="city_")
+    with store.transaction(readonly=True) as tx:
+        assert sum(1 for _ in tx.iter_cases()) == json.loads(one.read_text())["lifecycle"][
+            "cases"]
+    store.dispose()
+    result = runner.invoke(main, ["report", "--db", url, "--policy", str(WUJIN_DIR),
+                                  "--prefix", "city_", "--json", "-"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["totals"]["reported"] == json.loads(one.read_text())[
+        "lifecycle"]["cases"]
+    result = runner.invoke(main, ["report", "--db", url, "--policy", str(WUJIN_DIR)])
+    assert result.exit_code == 1 and "no gridflow tables" in result.output
+    result = runner.invoke(main, ["report", "--db", url, "--prefix", "bad prefix"])
+    assert result.exit_code == 2
+
+
 def test_cli_replay_errors(tmp_path: Path) -> None:
     runner = CliRunner()
     bad_map = tmp_path / "map.yaml"
