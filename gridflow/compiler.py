@@ -53,6 +53,7 @@ __all__ = [
     "RuleSpec",
     "RuleTooComplex",
     "TableSpec",
+    "TextPredicates",
     "check_regex",
 ]
 
@@ -102,7 +103,7 @@ def _text_test(op: str, value: str) -> Any:
 # --- conditions → durable JSON -----------------------------------------------------------
 
 
-class _Predicates:
+class TextPredicates:
     """Registry of the text tests of a compiled policy: (field, op, value) → fact field."""
 
     def __init__(self) -> None:
@@ -267,7 +268,7 @@ class CompiledRules:
         self._ids = itertools.count(1)
         # table index → group → shards (sorted by first rule index)
         self._shards: list[dict[str, list[_Shard]]] = []
-        self._preds = _Predicates()
+        self._preds = TextPredicates()
         self._visits: dict[tuple[int, str | None], list[_Shard]] = {}
         codes = sorted(self._groups)
         definitions: dict[str, dict[str, Any]] = {}
@@ -317,6 +318,13 @@ class CompiledRules:
         self.largest_ruleset = max((len(d) for d in definitions.values()), default=0)
         weakref.finalize(self, _drop_rulesets, list(self._handles.values()))
 
+
+    @property
+    def text_predicates(self) -> TextPredicates:
+        """The policy's text tests (contains, prefix, regex), evaluated exactly in Python
+        and handed to durable_rules as boolean fields ``p<k>``; replays read them to key
+        their memo by the same truths."""
+        return self._preds
     def _culprits(self) -> list[tuple[int, int]]:
         """Find the rules the engine refuses, by compiling each alone."""
         bad: list[tuple[int, int]] = []

@@ -48,8 +48,7 @@ from gridflow.errors import CalendarRangeError, GridflowError, GridflowRuntimeEr
 from gridflow.importer import ImportReport, LogReader, LogRecord
 from gridflow.indicators import Indicators, Tally, composite_centi, scoring_spec
 from gridflow.policy import Policy
-from gridflow.routing import _SPACE as _FACT_SPACE  # the fact's description normalisation
-from gridflow.routing import Decision, validate_case
+from gridflow.routing import Decision, normalise_description, validate_case
 from gridflow.schema import CaseIn
 from gridflow.scoring import case_facts, score_case, subjects
 from gridflow.store import NewEvent, Store
@@ -79,10 +78,6 @@ _T_HOUR, _T_WEEKDAY, _T_WEEKEND = (
 )
 _T_WORKDAY, _T_HOLIDAY = TIME_FIELDS["workday"], TIME_FIELDS["holiday"]
 _LISTED_ERRORS = 200
-
-
-def _normalise(text: str) -> str:
-    return _FACT_SPACE.sub(" ", text).strip()
 
 
 @functools.lru_cache(maxsize=256)
@@ -156,7 +151,7 @@ class _Relevance:
     def __init__(self, policy: Policy):
         router = policy.router
         self._codes = sorted(policy.registry.categories)
-        preds = router.compiled._preds  # the compiler's own text tests (exact semantics)
+        preds = router.compiled.text_predicates  # the compiler's own (exact semantics)
         self._pred_index = preds.index
         self._pred_tests = preds.tests
         self._rules: list[tuple[frozenset[str] | None, list[Any]]] = []
@@ -267,9 +262,9 @@ class RouteMemo:
         if seen.time:
             parts.append(self._time_key(case.reported_at, seen.time))
         if seen.description:
-            parts.append(_normalise(case.description))
+            parts.append(normalise_description(case.description))
         elif seen.texts:
-            text = _normalise(case.description)
+            text = normalise_description(case.description)
             parts.append(tuple([bool(test(text)) for _f, test in seen.texts]))
         return tuple(parts)
 

@@ -39,10 +39,16 @@ __all__ = [
     "Router",
     "RuleHit",
     "case_fact",
+    "normalise_description",
     "validate_case",
 ]
 
 _SPACE = re.compile(r"\s+")
+
+
+def normalise_description(text: str) -> str:
+    """The description as the rules see it: runs of white space as one space, trimmed."""
+    return _SPACE.sub(" ", text).strip()
 
 
 @dataclass(frozen=True)
@@ -218,7 +224,7 @@ def case_fact(reg: Registry, calendar: BusinessCalendar, case: CaseIn) -> dict[s
     info = reg.categories[case.category]
     fact: dict[str, Any] = {
         CATEGORY: case.category,
-        DESCRIPTION: _SPACE.sub(" ", case.description).strip(),
+        DESCRIPTION: normalise_description(case.description),
         CHANNEL: case.channel,
         URGENCY: case.urgency or info.urgency,
     }
