@@ -33,6 +33,7 @@ from datetime import datetime, tzinfo
 from pathlib import Path
 from typing import IO, Any
 
+from gridflow.errors import GridflowRuntimeError
 from gridflow.importer import LogRecord
 from gridflow.loader import load_policy
 from gridflow.policy import Policy
@@ -41,12 +42,16 @@ from gridflow.schema import CaseIn
 from gridflow.store import Store
 from gridflow.store.transfer import absorb
 
-__all__ = ["ShardedLifecycleReplay", "shard_of", "tuned_gc"]
+__all__ = ["ReplayWorkerError", "ShardedLifecycleReplay", "shard_of", "tuned_gc"]
 
 _CASE_FIELDS = tuple(CaseIn.model_fields)
 _CASE_TIMES = frozenset(n for n in _CASE_FIELDS if n.endswith("_at"))
 _RECORD_FIELDS = tuple(n for n in LogRecord.__dataclass_fields__ if n not in ("row", "case"))
 _RECORD_TIMES = frozenset(n for n in _RECORD_FIELDS if n.endswith("_at"))
+
+
+class ReplayWorkerError(GridflowRuntimeError):
+    """A worker of a sharded replay failed (its traceback is in the message) or died."""
 
 
 def shard_of(case_id: str, jobs: int) -> int:
@@ -291,13 +296,13 @@ class ShardedLifecycleReplay(_Counted):
             msg: tuple[Any, ...] = self._conns[shard].recv()
         except (EOFError, OSError, pickle.UnpicklingError):
             self.close()
-            raise RuntimeError(f"replay worker {shard} stopped unexpectedly") from None
+            raise ReplayWorkerError(f"replay worker {shard} stopped unexpectedly") from None
         if msg[0] == "error":
             self.close()
-            raise RuntimeError(f"replay worker {shard} failed:\n{msg[1]}")
+            raise ReplayWorkerError(f"replay worker {shard} failed:\n{msg[1]}")
         if msg[0] != kind:
             self.close()
-            raise RuntimeError(f"replay worker {shard}: unexpected message {msg[0]!r}")
+            raise ReplayWorkerError(f"replay worker {shard}: unexpected message {msg[0]!r}")
         return msg
 
     def finish(self) -> None:

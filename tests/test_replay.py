@@ -511,6 +511,10 @@ def test_cli_replay_and_report_with_a_table_prefix_and_jobs(log600: Path, tmp_pa
     assert result.exit_code == 1 and "no gridflow tables" in result.output
     result = runner.invoke(main, ["report", "--db", url, "--prefix", "bad prefix"])
     assert result.exit_code == 2
+    # the cases are there already: the shards' copy refuses, and says which case
+    result = runner.invoke(main, ["replay", str(WUJIN_DIR), str(log600), "--db", url,
+                                  "--prefix", "city_", "--jobs", "2"])
+    assert result.exit_code == 1 and "concurrent update" in result.output
 
 
 def test_cli_replay_errors(tmp_path: Path) -> None:

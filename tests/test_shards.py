@@ -17,7 +17,14 @@ from gridflow.errors import ConcurrencyConflict
 from gridflow.generate import Settings, write_log
 from gridflow.importer import LogReader, LogRecord
 from gridflow.replay import CaseOutcome, LifecycleReplay, RouteMemo, replay, to_json
-from gridflow.shards import ShardedLifecycleReplay, _Packer, _unpack, shard_of, tuned_gc
+from gridflow.shards import (
+    ReplayWorkerError,
+    ShardedLifecycleReplay,
+    _Packer,
+    _unpack,
+    shard_of,
+    tuned_gc,
+)
 from gridflow.store import Store
 from gridflow.store.transfer import absorb
 from gridflow.strategies import log_records
@@ -112,7 +119,7 @@ def test_a_worker_that_fails_stops_the_replay_with_its_error(
 ) -> None:
     moved = dataclasses.replace(WUJIN, version="not-this-version")
     run = ShardedLifecycleReplay(moved, None, jobs=2)
-    with pytest.raises(RuntimeError, match="changed during the replay"):
+    with pytest.raises(ReplayWorkerError, match="changed during the replay"):
         for rec in records:
             run.feed(rec)
         run.finish()
