@@ -8,8 +8,11 @@ SQLite, and the peak memory of a 1,000,000-case CSV replay.
 Routing: the same rules (bench/policygen.py) as one hand-written durable.engine Host
 ruleset, posted case by case, against ``gridflow.replay.replay_routing`` over the same
 validated cases; every decision of the replay is checked against the raw ruleset (and a
-sample against ``Policy.route``) before the ratio is printed. Targets: routing ≥ 5× the
-raw ruleset; life cycle ≥ 3,000 cases/s; 1M-case CSV replay ≤ 500 MB peak RSS.
+sample against ``Policy.route``) before the ratio is printed. Life cycle: the same
+records through one process (``LifecycleReplay``) and through ``--jobs`` worker processes
+(``ShardedLifecycleReplay``, default: one per core), each into a new file SQLite
+database; the two reports must be identical. Targets: routing ≥ 5× the raw ruleset; life
+cycle ≥ 3,000 cases/s; 1M-case CSV replay ≤ 500 MB peak RSS.
 """
 
 from __future__ import annotations
