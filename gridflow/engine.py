@@ -18,6 +18,7 @@ clock itself, starts no threads, and imports no database or state-machine librar
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -155,6 +156,11 @@ _VIEW_FIELDS: dict[str, Callable[[Mapping[str, Any]], Any]] = {
     **{k: _times(k) for k in (
         "reported_at", "dispatched_at", "due_at", "warn_at", "closed_at")},
 }
+
+
+@functools.lru_cache(maxsize=256)
+def _duration(text: str) -> Duration:
+    return parse_duration(text)
 
 
 def _invalid(name: str, message: str) -> CaseValidationError:
@@ -474,7 +480,7 @@ class Engine:
         """(due_at, warn_at) as ISO text for a time limit starting at ``start``."""
         if not limit_text:
             return None, None
-        limit = parse_duration(limit_text)
+        limit = _duration(limit_text)
         due = policy.calendar.add(start, limit)
         warn = self._warn_time(policy, start, due, limit.is_working)
         return iso(due), iso(warn)
@@ -662,7 +668,8 @@ class Engine:
 
         def effect(c: _Ctx) -> tuple[dict[str, Any], list[NewEvent]]:
             policy, reg = c.policy, c.policy.registry
-            decision = policy.route(c.proj["case"], exclude=c.proj["excluded"])
+            decision = policy.router.route(c.proj["case"], exclude=c.proj["excluded"],
+                                           with_due=False)
             lead, tier, unit, pool = decision.lead, decision.tier, decision.unit, decision.pool
             payload: dict[str, Any] = {}
             location = c.proj["location"]

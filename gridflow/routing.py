@@ -27,7 +27,7 @@ from gridflow.conditions import (
     level_field,
     tests_of,
 )
-from gridflow.errors import CalendarRangeError, CaseValidationError, FieldError, suggest
+from gridflow.errors import CaseValidationError, FieldError, suggest
 from gridflow.registry import Registry
 from gridflow.schema import CaseIn, Outcome
 
@@ -293,11 +293,14 @@ class Router:
         *,
         exclude: Sequence[str] = (),
         source: str | None = None,
+        with_due: bool = True,
     ) -> Decision:
         """Decide lead/assist/tier/deadline for a case.
 
         ``exclude`` lists departments that returned the case as misrouted: hits whose
         lead is excluded are skipped (the next hit, or the default, applies).
+        ``with_due=False`` leaves ``due_at`` out (``None``): the engine dates the deadline
+        from the dispatch, not from the report, and saves the calendar arithmetic.
         """
         case = self.validate(data, source=source)
         fact = self.fact(case)
@@ -308,9 +311,11 @@ class Router:
                 rule = self.rules[t_index][i]
                 if rule.outcome.lead not in exclude:
                     hits.append(rule)
-        return self._decide(case, fact, hits)
+        return self._decide(case, fact, hits, with_due)
 
-    def _decide(self, case: CaseIn, fact: Mapping[str, Any], hits: list[RouteRule]) -> Decision:
+    def _decide(
+        self, case: CaseIn, fact: Mapping[str, Any], hits: list[RouteRule], with_due: bool = True
+    ) -> Decision:
         reg = self.registry
         info = reg.categories[case.category]
         urgency = str(fact[URGENCY])
@@ -334,11 +339,8 @@ class Router:
             combined = self._combined[key] = self._combine(primary, hits, default, info, urgency)
         assist, tags, summon, notify_specs, tier, limit = combined
         due_at = None
-        if limit is not None and case.reported_at is not None:
-            try:
-                due_at = self.calendar.add(case.reported_at, limit)
-            except CalendarRangeError:
-                raise
+        if with_due and limit is not None and case.reported_at is not None:
+            due_at = self.calendar.add(case.reported_at, limit)
         notifications = []
         for spec in notify_specs:
             if spec.department:
