@@ -227,6 +227,8 @@ def time_to_sqlite(value: datetime | None) -> str | None:
     """UTCDateTime's SQLite storage format (what SQLAlchemy writes), without its overhead."""
     if value is None:
         return None
+    if value.tzinfo is UTC:  # "YYYY-MM-DD HH:MM:SS.ffffff+00:00" without its offset
+        return value.isoformat(" ", "microseconds")[:26]
     if value.tzinfo is not UTC:
         if value.tzinfo is None or value.utcoffset() is None:
             raise ValueError(

@@ -34,7 +34,8 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, suppress
-from dataclasses import dataclass, field, replace
+from copy import copy
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, cast, overload
 
@@ -242,7 +243,7 @@ class UnitOfWork:
         timer_rows: list[dict[str, Any]] = []
         for case_id, entry in dirty.items():
             if entry.events:
-                record = replace(entry.record)  # the store sets version/updated_at on it
+                record = copy(entry.record)  # the store sets version/updated_at on it
                 if entry.new:
                     inserts.append((record, entry.events))
                 else:
