@@ -40,6 +40,7 @@ from gridflow.policy import Policy
 from gridflow.replay import CaseOutcome, LifecycleReplay, RunCounts, _Counted
 from gridflow.schema import CaseIn
 from gridflow.store import Store
+from gridflow.store.connect import is_memory_sqlite
 from gridflow.store.transfer import absorb
 
 __all__ = ["ReplayWorkerError", "ShardedLifecycleReplay", "shard_of", "tuned_gc"]
@@ -141,14 +142,15 @@ class _Pipe:
 def _work(conn: _Pipe) -> None:
     """A worker: replay the records it is sent into its own store."""
     try:
-        root, version, db_path, batch_size, outcomes = conn.recv()
+        root, version, target, batch_size, outcomes = conn.recv()
         policy = load_policy(root, strict=False)
         if policy.version != version:
             raise RuntimeError(f"the policy in {root} changed during the replay (version "
                                f"{policy.version}, expected {version})")
         store = None
-        if db_path is not None:
-            store = Store(f"sqlite:///{db_path}", outbox=False, case_cache=0)
+        if target is not None:
+            url, options = target
+            store = Store(url, case_cache=0, **options)
             store.create_all()
         seen: list[CaseOutcome] = []
         run = LifecycleReplay(policy, store, batch_size=batch_size,
@@ -178,14 +180,29 @@ def _serve(conn: _Pipe, run: LifecycleReplay, store: Store | None,
             return
 
 
+def _reachable(store: Store) -> tuple[str, dict[str, Any]] | None:
+    """How a worker opens ``store`` itself (URL and options), if it can and the store
+    holds no case yet (then a worker's timers and cases are all its own there)."""
+    engine = store.engine
+    if engine is None or (store.dialect_name == "sqlite" and is_memory_sqlite(engine.url)):
+        return None
+    with store.transaction(readonly=True) as tx:
+        if next(iter(tx.iter_cases(batch=1)), None) is not None:
+            return None
+    t = store.tables
+    return (engine.url.render_as_string(hide_password=False),
+            {"table_prefix": t.prefix, "schema": t.schema, "outbox": store.outbox})
+
+
 class ShardedLifecycleReplay(_Counted):
     """:class:`~gridflow.replay.LifecycleReplay` over ``jobs`` worker processes (same
     interface: :meth:`feed`, :meth:`finish`, the counts and the report).
 
-    ``store`` receives every case at :meth:`finish` (it must not hold any of the log's
-    case ids: the copy then fails with ``ConcurrencyConflict`` and copies nothing);
-    ``None`` keeps nothing. ``workdir``: where the workers' databases go meanwhile
-    (default: the system's temporary directory).
+    ``store`` receives every case (it must not hold any of the log's case ids: the copy
+    then fails with ``ConcurrencyConflict`` and copies nothing); ``None`` keeps nothing.
+    When ``store`` is empty and can be opened by URL, the first worker writes into it
+    directly; the other workers' stores are copied in at :meth:`finish`. ``workdir``:
+    where the workers' databases go meanwhile (default: the system's temporary directory).
     """
 
     def __init__(
@@ -216,17 +233,27 @@ class ShardedLifecycleReplay(_Counted):
             tempfile.TemporaryDirectory(prefix="gridflow-shards-", dir=workdir)
             if store is not None else None
         )
+        # where each worker writes: the first one straight into the target store when it
+        # can reach it and it is empty (nothing to copy afterwards), the others into files
+        # of their own that finish() copies in
         self._paths = [
             str(Path(self._tmp.name) / f"shard{i}.db") if self._tmp is not None else None
             for i in range(jobs)
         ]
+        direct = _reachable(store) if store is not None else None
+        targets: list[tuple[str, dict[str, Any]] | None] = [
+            (f"sqlite:///{path}", {"outbox": False}) if path is not None else None
+            for path in self._paths
+        ]
+        if direct is not None:
+            targets[0], self._paths[0] = direct, None
         self._conns: list[_Pipe] = []
         self._procs: list[subprocess.Popen[bytes]] = []
         # A fresh interpreter per worker (not multiprocessing's spawn, which re-runs the
         # host's __main__ module), importing gridflow from where this process does.
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         try:
-            for path in self._paths:
+            for target in targets:
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "gridflow.shards"], stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE, env=env,
@@ -235,7 +262,7 @@ class ShardedLifecycleReplay(_Counted):
                 self._procs.append(proc)
                 conn = _Pipe(proc.stdout, proc.stdin)
                 self._conns.append(conn)
-                conn.send((str(policy.root), policy.version, path, batch_size,
+                conn.send((str(policy.root), policy.version, target, batch_size,
                            on_outcome is not None))
         except BaseException:
             self.close()
@@ -325,7 +352,8 @@ class ShardedLifecycleReplay(_Counted):
         self.until = until
         if self.store is not None:
             for path in self._paths:
-                assert path is not None
+                if path is None:
+                    continue  # that worker wrote into the target itself
                 shard_store = Store(f"sqlite:///{path}", outbox=False, case_cache=0)
                 try:
                     absorb(self.store, shard_store)

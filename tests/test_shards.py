@@ -197,3 +197,69 @@ def test_tuned_gc_restores_the_collector_settings() -> None:
         assert gc.get_freeze_count() > 0
     assert gc.get_threshold() == before
     assert gc.get_freeze_count() == 0
+
+
+def _with_other_case(store: Store) -> None:
+    """A case that is not in the log (so the store is not empty)."""
+    from datetime import datetime
+
+    from gridflow import Actor, Engine
+    from gridflow.clock import ManualClock
+
+    clock = ManualClock(datetime.fromisoformat("2026-01-05T09:00:00+08:00"))
+    engine = Engine(WUJIN, store, clock)
+    engine.report({"id": "OTHER-1", "category": "E01-10", "location": "yunhe-g5",
+                   "description": "暴露垃圾", "channel": "patrol"},
+                  Actor("gw-1", "grid_worker", unit="yunhe-g5"))
+
+
+@pytest.mark.parametrize("other_case", [False, True], ids=["empty", "holding-a-case"])
+def test_sharded_replay_into_a_store_with_or_without_cases(
+    records: list[LogRecord], tmp_path: Path, other_case: bool
+) -> None:
+    """An empty store is written by the first worker directly; one holding cases gets
+    every shard copied in. Either way: what one process stores."""
+    one_store, many_store = _file_store(tmp_path / "one.db"), _file_store(tmp_path / "many.db")
+    if other_case:
+        _with_other_case(one_store)
+        _with_other_case(many_store)
+    one = LifecycleReplay(WUJIN, one_store)
+    many = ShardedLifecycleReplay(WUJIN, many_store, jobs=2)
+    assert (many._paths[0] is None) is not other_case  # the first worker writes directly
+    for rec in records[:200]:
+        one.feed(rec)
+        many.feed(rec)
+    one.finish()
+    many.finish()
+    assert to_json(many.to_dict()) == to_json(one.to_dict())
+    stored = _stored(one_store)
+    assert ("OTHER-1" in stored) is other_case
+    assert _stored(many_store) == stored
+    one_store.dispose()
+    many_store.dispose()
+
+
+def test_sharded_replay_into_a_database_server(
+    server_store: Store, records: list[LogRecord]
+) -> None:
+    """A worker opens the server store by URL (with its prefix and schema) and writes
+    into it; the other shard is copied in through SQLAlchemy."""
+    assert server_store.engine is not None
+    one_store = Store(server_store.engine, table_prefix="one_",
+                      schema=server_store.tables.schema, outbox=False)
+    one_store.create_all()
+    try:
+        one = LifecycleReplay(WUJIN, one_store)
+        many = ShardedLifecycleReplay(WUJIN, server_store, jobs=2)
+        assert many._paths[0] is None and many._paths[1] is not None
+        for rec in records[:120]:
+            one.feed(rec)
+            many.feed(rec)
+        one.finish()
+        many.finish()
+        assert to_json(many.to_dict()) == to_json(one.to_dict())
+        stored = _stored(one_store)
+        assert len(stored) > 100
+        assert _stored(server_store) == stored
+    finally:
+        one_store.metadata.drop_all(server_store.engine)
