@@ -854,19 +854,20 @@ class LifecycleReplay(_Counted):
         while steps and steps[0][0] < limit:
             key, _adm, i, oc = heapq.heappop(steps)
             when = oc.steps[i][0]
-            self._fire_timers(when, inclusive=False)
+            self._fire_timers_before(key)
             self._now, self._now_us = when, key
             self._run_step(oc, when)
 
     def _fire_timers(self, until: datetime, *, inclusive: bool) -> None:
-        """Tick at each timer's due time before ``until``, as a host that ticks all the
-        time would: a timer that comes due while its case is not supervised (e.g. handled,
-        waiting for verification) is used up then and not armed again; one that is already
-        due when it is armed fires right after the command that armed it."""
+        self._fire_timers_before(_us(until) + (1 if inclusive else 0))
+
+    def _fire_timers_before(self, limit: int) -> None:
+        """Tick at each timer's due time before ``limit`` (µs since the epoch), as a host
+        that ticks all the time would: a timer that comes due while its case is not
+        supervised (e.g. handled, waiting for verification) is used up then and not armed
+        again; one that is already due when it is armed fires right after the command that
+        armed it."""
         timers = self._timers
-        if not timers:
-            return
-        limit = _us(until) + (1 if inclusive else 0)
         while timers and timers[0][0] < limit:
             key, _adm, _kind, due = heapq.heappop(timers)
             # a timer due before the clock (armed already late) fires at the next tick: now
