@@ -366,5 +366,15 @@ class ShardedLifecycleReplay(_Counted):
                 self.on_outcome(outcome)
 
 
+def _main() -> None:
+    """A worker's entry point: the parent's pipe keeps the original stdout; anything else
+    printed in this process (a library's print, C code writing to fd 1) goes to stderr
+    instead of into the pickle stream."""
+    pipe_out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    sys.stdout.flush()
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    _work(_Pipe(sys.stdin.buffer, pipe_out))
+
+
 if __name__ == "__main__":  # a worker: python -m gridflow.shards
-    _work(_Pipe(sys.stdin.buffer, sys.stdout.buffer))
+    _main()

@@ -263,3 +263,26 @@ def test_sharded_replay_into_a_database_server(
         assert _stored(server_store) == stored
     finally:
         one_store.metadata.drop_all(server_store.engine)
+
+
+def test_a_worker_keeps_stray_output_out_of_its_pipe() -> None:
+    """Whatever else a worker prints (Python or C code on fd 1) goes to stderr; the pipe
+    to the parent carries only the pickles."""
+    import pickle
+    import subprocess
+    import sys
+
+    code = (
+        "import os\n"
+        "from gridflow import shards\n"
+        "def work(pipe):\n"
+        "    print('noise from print')\n"
+        "    os.write(1, b'noise on fd 1\\n')\n"
+        "    pipe.send(('ok', 42))\n"
+        "shards._work = work\n"
+        "shards._main()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60,
+                          check=True)
+    assert done.stdout == pickle.dumps(("ok", 42), protocol=pickle.HIGHEST_PROTOCOL)
+    assert b"noise from print" in done.stderr and b"noise on fd 1" in done.stderr
