@@ -6,10 +6,12 @@ late, at the time of the command that armed them), and the replay admits a recor
 comparing it with the previous record of the log only. So the records are split by a
 stable hash of the case id over worker processes, each running a
 :class:`~gridflow.replay.LifecycleReplay` on a store of its own; their counts are integer
-sums, and at the end their stores are copied into the target store in one transaction
+sums. The first worker writes straight into an empty target store it can open by URL;
+the others' stores are copied in at the end, one transaction each
 (:func:`gridflow.store.transfer.absorb`). The report and the stored cases, events and
-timers are those of a one-process replay — ``tests/test_replay.py`` checks it — except
-the event ids.
+timers are those of a one-process replay — ``tests/test_shards.py`` checks it — except
+the event ids. A replay that fails half-way leaves what a one-process replay would: the
+batches committed so far (here: the first worker's).
 
 Workers are fresh interpreters (``python -m gridflow.shards``; nothing is inherited, each
 loads the policy from its directory and checks its version) talking pickles over their
