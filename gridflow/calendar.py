@@ -12,6 +12,7 @@ weekday, because a silently wrong deadline is worse than a loud one.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from bisect import bisect_left
@@ -104,9 +105,15 @@ class Duration:
 
 
 def parse_duration(text: str) -> Duration:
-    """Read a time limit as written in policy files (``4wh``, ``20 working days``, ...)."""
+    """Read a time limit as written in policy files (``4wh``, ``20 working days``, ...).
+    Answers are remembered: engines and replays read the same few limits all the time."""
     if not isinstance(text, str):
         raise TypeError(f"duration must be a string like '4wh', not {type(text).__name__}")
+    return _parse_duration(str(text))
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_duration(text: str) -> Duration:
     match = _DURATION_RE.match(text)
     if match is None:
         raise ValueError(f"invalid duration {text!r}; accepted forms: {_ACCEPTED}")

@@ -18,7 +18,6 @@ clock itself, starts no threads, and imports no database or state-machine librar
 
 from __future__ import annotations
 
-import functools
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -157,10 +156,6 @@ _VIEW_FIELDS: dict[str, Callable[[Mapping[str, Any]], Any]] = {
         "reported_at", "dispatched_at", "due_at", "warn_at", "closed_at")},
 }
 
-
-@functools.lru_cache(maxsize=256)
-def _duration(text: str) -> Duration:
-    return parse_duration(text)
 
 
 def _invalid(name: str, message: str) -> CaseValidationError:
@@ -480,7 +475,7 @@ class Engine:
         """(due_at, warn_at) as ISO text for a time limit starting at ``start``."""
         if not limit_text:
             return None, None
-        limit = _duration(limit_text)
+        limit = parse_duration(limit_text)
         due = policy.calendar.add(start, limit)
         warn = self._warn_time(policy, start, due, limit.is_working)
         return iso(due), iso(warn)

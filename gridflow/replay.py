@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import heapq
 import html
 import json
@@ -39,7 +38,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from gridflow.calendar import Duration, parse_duration
+from gridflow.calendar import parse_duration
 from gridflow.clock import ManualClock
 from gridflow.compiler import category_scope
 from gridflow.conditions import CATEGORY, CHANNEL, DESCRIPTION, TIME_FIELDS, tests_of
@@ -80,10 +79,6 @@ _T_WORKDAY, _T_HOLIDAY = TIME_FIELDS["workday"], TIME_FIELDS["holiday"]
 _LISTED_ERRORS = 200
 
 
-@functools.lru_cache(maxsize=256)
-def _duration(text: str) -> Duration:
-    return parse_duration(text)
-
 
 # =========================================================================== routing
 
@@ -121,7 +116,7 @@ class Routed:
         reported = self.case.reported_at
         if limit is None or reported is None:
             return None
-        return self.policy.calendar.add(reported, _duration(limit))
+        return self.policy.calendar.add(reported, parse_duration(limit))
 
     def decision(self) -> Decision:
         """The complete decision of this case, trace included (routes it again)."""
@@ -292,7 +287,7 @@ class RouteMemo:
         if ok is None:
             end = local.replace(hour=23, minute=59, second=59, microsecond=999_999)
             try:
-                self.policy.calendar.add(end, _duration(limit))
+                self.policy.calendar.add(end, parse_duration(limit))
                 ok = True
             except CalendarRangeError:
                 ok = False
@@ -300,7 +295,7 @@ class RouteMemo:
                 self._due_ok.clear()
             self._due_ok[key] = ok
         if not ok:
-            self.policy.calendar.add(reported, _duration(limit))
+            self.policy.calendar.add(reported, parse_duration(limit))
 
     def _template(self, decision: Decision) -> Decision:
         """The case-independent part of a decision (no case id, due time or trace),

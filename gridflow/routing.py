@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -404,7 +403,7 @@ class Router:
             or _pick_limit(self.default.time_limit if self.default else None, urgency)
             or _pick_limit(self.default_time_limit, urgency)
         )
-        limit = _duration(limit_text) if limit_text else None
+        limit = parse_duration(limit_text) if limit_text else None
         return assist, tags, summon, notify_specs, tier, limit
 
     def _trace(self, rule: RouteRule, fact: Mapping[str, Any]) -> RuleHit:
@@ -437,7 +436,3 @@ def _trace_shape(cond: Cond) -> list[tuple[str, str, tuple[str, ...]]]:
         )
     return out
 
-
-@functools.lru_cache(maxsize=1024)
-def _duration(text: str) -> Duration:
-    return parse_duration(text)

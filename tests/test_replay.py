@@ -511,6 +511,12 @@ def test_cli_replay_and_report_with_a_table_prefix_and_jobs(log600: Path, tmp_pa
     assert result.exit_code == 1 and "no gridflow tables" in result.output
     result = runner.invoke(main, ["report", "--db", url, "--prefix", "bad prefix"])
     assert result.exit_code == 2
+    bad_url = f"sqlite:///{tmp_path / 'bad.db'}"
+    for args in (["--prefix", "bad prefix"], ["--jobs", "0"]):
+        result = runner.invoke(main, ["replay", str(WUJIN_DIR), str(log600), "--db", bad_url,
+                                      *args])
+        assert result.exit_code == 2, (args, result.output)
+        assert not (tmp_path / "bad.db").exists()  # refused before anything was written
     # the cases are there already: the shards' copy refuses, and says which case
     result = runner.invoke(main, ["replay", str(WUJIN_DIR), str(log600), "--db", url,
                                   "--prefix", "city_", "--jobs", "2"])
