@@ -32,8 +32,10 @@ def iso(when: datetime) -> str:
     """A time as the projection stores it: ISO 8601 in UTC."""
     if when.tzinfo is UTC:
         return when.isoformat()
+    if when.tzinfo is None:  # local time (the engine refuses naive times before this)
+        return when.astimezone(UTC).isoformat()
     text = _ISO.get(when)
-    if text is None or when.tzinfo is None:  # equal naive and aware times never meet here
+    if text is None:
         text = when.astimezone(UTC).isoformat()
         if len(_ISO) >= 4096:
             _ISO.clear()
