@@ -127,6 +127,28 @@ def tuned_gc() -> Iterator[None]:
         gc.unfreeze()
 
 
+#: bytes the pipe to a worker holds before the parent's write blocks (Linux: 64 KiB by
+#: default). A worker's batch commit takes a while; meanwhile the parent, blocked on its
+#: full pipe, starved the other workers (measured: 2 workers went from ×1.3 to ×1.9).
+PIPE_BYTES = 1 << 20
+
+
+def _widen(stream: IO[bytes], size: int = PIPE_BYTES) -> bool:
+    """Ask for a ``size``-byte pipe buffer where the OS allows it (Linux); ``False``
+    if it does not (the default size then applies)."""
+    if sys.platform != "linux":
+        return False
+    import fcntl
+
+    while size >= 1 << 16:
+        try:
+            fcntl.fcntl(stream.fileno(), fcntl.F_SETPIPE_SZ, size)
+            return True
+        except OSError:  # above /proc/sys/fs/pipe-max-size for this user: try less
+            size //= 2
+    return False
+
+
 class _Pipe:
     """Pickled messages over a pair of byte streams."""
 
@@ -261,6 +283,7 @@ class ShardedLifecycleReplay(_Counted):
                     stdout=subprocess.PIPE, env=env,
                 )
                 assert proc.stdin is not None and proc.stdout is not None
+                _widen(proc.stdin)
                 self._procs.append(proc)
                 conn = _Pipe(proc.stdout, proc.stdin)
                 self._conns.append(conn)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +20,12 @@ from gridflow.generate import Settings, write_log
 from gridflow.importer import LogReader, LogRecord
 from gridflow.replay import CaseOutcome, LifecycleReplay, RouteMemo, replay, to_json
 from gridflow.shards import (
+    PIPE_BYTES,
     ReplayWorkerError,
     ShardedLifecycleReplay,
     _Packer,
     _unpack,
+    _widen,
     shard_of,
     tuned_gc,
 )
@@ -197,6 +201,19 @@ def test_tuned_gc_restores_the_collector_settings() -> None:
         assert gc.get_freeze_count() > 0
     assert gc.get_threshold() == before
     assert gc.get_freeze_count() == 0
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="pipe sizes are set on Linux only")
+def test_the_pipe_to_a_worker_is_widened() -> None:
+    import fcntl
+
+    read_fd, write_fd = os.pipe()
+    with os.fdopen(read_fd, "rb") as reader, os.fdopen(write_fd, "wb") as writer:
+        default = fcntl.fcntl(writer.fileno(), fcntl.F_GETPIPE_SZ)
+        assert _widen(writer)
+        size = fcntl.fcntl(writer.fileno(), fcntl.F_GETPIPE_SZ)
+        assert default < size <= PIPE_BYTES
+        assert reader.fileno() >= 0
 
 
 def _with_other_case(store: Store) -> None:
