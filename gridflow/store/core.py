@@ -861,6 +861,18 @@ class StoreTx:
             else:
                 self._conn.execute(self._s.insert_timer, rows)
 
+    def write_timer_rows(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Insert timer rows as they are (``case_id``, ``kind``, ``due_at``, ``fired_at``):
+        the unit of work writing back the timers it held in memory, cases already
+        written. No checks beyond the database's own."""
+        if not rows:
+            return
+        fast, raw = self._fast, self._raw
+        if fast is not None and raw is not None:
+            fast.run_many(raw, fast.insert_timer, rows)
+        else:
+            self._conn.execute(self._s.insert_timer, rows)
+
     def timers(self, case_id: str) -> list[TimerRecord]:
         """Every timer of the case (fired or not), by due time."""
         tm = self._t.timers

@@ -265,7 +265,7 @@ class UnitOfWork:
             entry.new = False
             entry.events = []
         if timer_rows:  # after the case rows they belong to
-            tx.connection.execute(sa.insert(self.store.tables.timers), timer_rows)
+            tx.write_timer_rows(timer_rows)
             self._db_next_due = _UNKNOWN
         for entry in dirty.values():
             if entry.owned:
