@@ -85,12 +85,7 @@ def test_sharded_replay_gives_the_one_process_report_and_store(
     one = LifecycleReplay(WUJIN, one_store, batch_size=300, on_outcome=one_seen.append)
     many = ShardedLifecycleReplay(WUJIN, many_store, jobs=3, batch_size=300,
                                   on_outcome=many_seen.append, chunk=17)
-    for rec in records:
-        one.feed(rec)
-        many.feed(rec)
-    one.finish()
-    many.finish()
-    doc = one.to_dict()
+    doc = _replay_both(one, many, records)
     assert doc["errors"] >= 3 and doc["errors_by_step"]["admit"] >= 2  # the bad records
     assert {e["case_id"] for e in doc["error_list"]} >= {"LATE-1", "NO-TIME"}
     assert to_json(many.to_dict()) == to_json(doc)
@@ -216,6 +211,19 @@ def test_the_pipe_to_a_worker_is_widened() -> None:
         assert reader.fileno() >= 0
 
 
+def _replay_both(one: LifecycleReplay, many: ShardedLifecycleReplay,
+                 records: list[LogRecord]) -> dict[str, Any]:
+    """Feed the same records to both replays; their reports must be the same (returned)."""
+    for rec in records:
+        one.feed(rec)
+        many.feed(rec)
+    one.finish()
+    many.finish()
+    doc = one.to_dict()
+    assert to_json(many.to_dict()) == to_json(doc)
+    return doc
+
+
 def _with_other_case(store: Store) -> None:
     """A case that is not in the log (so the store is not empty)."""
     from datetime import datetime
@@ -243,12 +251,7 @@ def test_sharded_replay_into_a_store_with_or_without_cases(
     one = LifecycleReplay(WUJIN, one_store)
     many = ShardedLifecycleReplay(WUJIN, many_store, jobs=2)
     assert (many._paths[0] is None) is not other_case  # the first worker writes directly
-    for rec in records[:200]:
-        one.feed(rec)
-        many.feed(rec)
-    one.finish()
-    many.finish()
-    assert to_json(many.to_dict()) == to_json(one.to_dict())
+    _replay_both(one, many, records[:200])
     stored = _stored(one_store)
     assert ("OTHER-1" in stored) is other_case
     assert _stored(many_store) == stored
@@ -269,12 +272,7 @@ def test_sharded_replay_into_a_database_server(
         one = LifecycleReplay(WUJIN, one_store)
         many = ShardedLifecycleReplay(WUJIN, server_store, jobs=2)
         assert many._paths[0] is None and many._paths[1] is not None
-        for rec in records[:120]:
-            one.feed(rec)
-            many.feed(rec)
-        one.finish()
-        many.finish()
-        assert to_json(many.to_dict()) == to_json(one.to_dict())
+        _replay_both(one, many, records[:120])
         stored = _stored(one_store)
         assert len(stored) > 100
         assert _stored(server_store) == stored

@@ -855,11 +855,7 @@ class StoreTx:
         ]
         if stale:
             self._conn.execute(self._s.delete_timers, {"b_ids": stale})
-        if rows:
-            if fast is not None and raw is not None:
-                fast.run_many(raw, fast.insert_timer, rows)
-            else:
-                self._conn.execute(self._s.insert_timer, rows)
+        self.write_timer_rows(rows)
 
     def write_timer_rows(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """Insert timer rows as they are (``case_id``, ``kind``, ``due_at``, ``fired_at``):
