@@ -54,7 +54,6 @@ SATISFACTION: tuple[str, ...] = ("satisfied", "basically_satisfied", "dissatisfi
 _APPEAL_KINDS = ("routing", "score", "resident")
 _MAX_EVIDENCE = 50
 _MAX_TEXT = 4000
-_TIMER_KEYS = ("state", "due_at", "warn_at", "warned", "overdue")
 _KEY_NAMESPACE = uuid.UUID("8f0c3c1e-6d1a-4f55-9a53-2f1e6b7c9d10")
 
 
@@ -380,34 +379,31 @@ class Engine:
         proj: Mapping[str, Any], policy_version: str | None, before: CaseRecord | None = None
     ) -> CaseRecord:
         """The store's row of a projection; times unchanged since ``before`` are reused."""
-        decision = proj.get("decision") or {}
-        old = before.data if before is not None else None
-
-        def time(key: str, previous: datetime | None) -> datetime | None:
-            text = proj[key]
-            if old is not None and old[key] == text:
-                return previous
-            return parse_time(text)
-
-        b = before
+        decision = proj["decision"]
+        if before is None:
+            due, warn, reported, dispatched, closed = (
+                parse_time(proj["due_at"]), parse_time(proj["warn_at"]),
+                parse_time(proj["reported_at"]), parse_time(proj["dispatched_at"]),
+                parse_time(proj["closed_at"]),
+            )
+        else:
+            old = before.data
+            due, warn, reported, dispatched, closed = (
+                before.due_at if old["due_at"] == (t := proj["due_at"]) else parse_time(t),
+                before.warn_at if old["warn_at"] == (t := proj["warn_at"]) else parse_time(t),
+                before.reported_at if old["reported_at"] == (t := proj["reported_at"])
+                else parse_time(t),
+                before.dispatched_at if old["dispatched_at"] == (t := proj["dispatched_at"])
+                else parse_time(t),
+                before.closed_at if old["closed_at"] == (t := proj["closed_at"])
+                else parse_time(t),
+            )
+        # positional: the CaseRecord field order (a keyword call costs twice as much)
         return CaseRecord(
-            case_id=proj["id"],
-            version=proj["version"],
-            state=proj["state"],
-            data=dict(proj),
-            idempotency_key=proj["idempotency_key"],
-            category=proj["category"],
-            unit=proj["unit"],
-            lead_department=proj["lead"],
-            pool=proj["pool"],
-            handler=proj["handler"],
-            tier=proj["tier"],
-            due_at=time("due_at", b.due_at if b else None),
-            warn_at=time("warn_at", b.warn_at if b else None),
-            reported_at=time("reported_at", b.reported_at if b else None),
-            dispatched_at=time("dispatched_at", b.dispatched_at if b else None),
-            closed_at=time("closed_at", b.closed_at if b else None),
-            policy_version=decision.get("policy_version", policy_version),
+            proj["id"], proj["version"], proj["state"], dict(proj), proj["idempotency_key"],
+            proj["category"], proj["unit"], proj["lead"], proj["pool"], proj["handler"],
+            proj["tier"], due, warn, reported, dispatched, closed,
+            decision.get("policy_version", policy_version) if decision else policy_version,
         )
 
     @staticmethod
@@ -426,7 +422,9 @@ class Engine:
                 new: Mapping[str, Any]) -> None:
         """Re-arm the timers when the supervised deadline changed. Timers of a case that
         left supervision are not deleted: ``tick`` skips them (one write less)."""
-        if all(old[k] == new[k] for k in _TIMER_KEYS):
+        if (old["due_at"] == new["due_at"] and old["state"] == new["state"]
+                and old["warn_at"] == new["warn_at"] and old["warned"] == new["warned"]
+                and old["overdue"] == new["overdue"]):
             return  # what the timers derive from is unchanged
         timers = cls._timers(new)
         if timers and timers != cls._timers(old):
@@ -517,13 +515,8 @@ class Engine:
             for make in ctx_followers(ctx, new):
                 events.append(make)
                 new = apply(new, make)
-            updated = self._record(new, policy.version)
-            tx.append(updated, record.version, events)
-            # Timers are (re)armed when the supervised deadline changes. Timers of a case
-            # that left supervision are not deleted: ``tick`` skips them (one write less).
-            timers = self._timers(new)
-            if timers and timers != self._timers(proj):
-                tx.set_timers(case_id, timers)
+            tx.append(self._record(new, policy.version, record), record.version, events)
+            self._replan(tx, case_id, proj, new)
             return CaseView.from_data(new)
 
     # -- step 1: intake ---------------------------------------------------------------

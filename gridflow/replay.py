@@ -623,7 +623,7 @@ class _Open:
     next: int = 0
     view: CaseView | None = None
     events: list[NewEvent] = field(default_factory=list)
-    timers: tuple[datetime | None, datetime | None] = (None, None)
+    timers: tuple[str | None, str | None] = (None, None)  # (warn_at, due_at) armed
     failed: bool = False
 
 
@@ -886,14 +886,17 @@ class LifecycleReplay(_Counted):
         view = oc.view
         if view is None or view.state not in SUPERVISED_STATES:
             return
-        pair = (view.warn_at, view.due_at)
+        d = view.data  # the projection's ISO texts: compared without parsing them
+        pair = (d["warn_at"], d["due_at"])
         if pair == oc.timers:
             return
         oc.timers = pair
-        if view.warn_at is not None and not view.warned:
-            heapq.heappush(self._timers, (_us(view.warn_at), oc.admission, "warn", view.warn_at))
-        if view.due_at is not None and not view.overdue:
-            heapq.heappush(self._timers, (_us(view.due_at), oc.admission, "overdue", view.due_at))
+        if pair[0] is not None and not d["warned"]:
+            warn = datetime.fromisoformat(pair[0])
+            heapq.heappush(self._timers, (_us(warn), oc.admission, "warn", warn))
+        if pair[1] is not None and not d["overdue"]:
+            due = datetime.fromisoformat(pair[1])
+            heapq.heappush(self._timers, (_us(due), oc.admission, "overdue", due))
 
     def _run_step(self, oc: _Open, when: datetime) -> None:
         what = oc.steps[oc.next][1]
@@ -919,25 +922,24 @@ class LifecycleReplay(_Counted):
 
     def _command(self, oc: _Open, what: str) -> CaseView:
         e, cast, rec, cid = self.engine, self.cast, oc.record, oc.case_id
-        row = f"row {rec.row}"
         if what == "report":
             return e.report(rec.case, cast.reporter(rec.case))
         if what == "report_on_spot":
             actor = cast.reporter(rec.case)
             actor = Actor(actor.id, cast.roles["resolve_on_spot"], unit=actor.unit)
-            return e.report(rec.case, actor, on_spot=True, evidence=[f"replay:{row}"])
+            return e.report(rec.case, actor, on_spot=True, evidence=[f"replay:row {rec.row}"])
         view = oc.view
         assert view is not None
-        lead = view.lead
+        lead = view.data["lead"]
         if what == "file":
             return e.file(cid, cast.actor("file"))
         if what == "cancel":
-            return e.cancel(cid, cast.actor("cancel"), f"cancelled in the log ({row})")
+            return e.cancel(cid, cast.actor("cancel"), f"cancelled in the log (row {rec.row})")
         if what == "dispatch":
             return e.dispatch(cid, cast.actor("dispatch"))
         if what == "return":
             return e.return_case(cid, cast.actor("return_case", lead),
-                                 f"returned in the log ({row})")
+                                 f"returned in the log (row {rec.row})")
         if what == "accept":
             if view.pool is not None:
                 return e.claim(cid, cast.actor("claim", lead))
@@ -945,14 +947,15 @@ class LifecycleReplay(_Counted):
         if what == "extend":
             extra = rec.extension or "1wd"
             e.request_extension(cid, cast.actor("request_extension", lead),
-                                f"extension in the log ({row})", extra)
+                                f"extension in the log (row {rec.row})", extra)
             return e.approve_extension(cid, cast.actor("approve_extension"))
         if what == "defer":
-            return e.defer(cid, cast.actor("defer"), f"deferred in the log ({row})")
+            return e.defer(cid, cast.actor("defer"), f"deferred in the log (row {rec.row})")
         if what == "feedback":
-            return e.feedback(cid, cast.actor("feedback", lead), evidence=[f"replay:{row}"])
+            return e.feedback(cid, cast.actor("feedback", lead),
+                              evidence=[f"replay:row {rec.row}"])
         if what == "rework":
-            return e.rework(cid, cast.actor("rework"), f"rework in the log ({row})")
+            return e.rework(cid, cast.actor("rework"), f"rework in the log (row {rec.row})")
         if what == "verify":
             return e.verify(cid, cast.actor("verify"))
         if what == "close":

@@ -336,7 +336,7 @@ class Router:
         combined = self._combined.get(key)
         if combined is None:
             combined = self._combined[key] = self._combine(primary, hits, default, info, urgency)
-        assist, tags, summon, notify_specs, tier, limit = combined
+        assist, tags, summon, notify_specs, tier, limit, priority = combined
         due_at = None
         if with_due and limit is not None and case.reported_at is not None:
             due_at = self.calendar.add(case.reported_at, limit)
@@ -368,7 +368,7 @@ class Router:
             unit=reg.unit_for_tier(case.location, tier),
             time_limit=str(limit) if limit else None,
             due_at=due_at,
-            priority=primary.priority or min((h.outcome.priority or 5 for h in hits), default=5),
+            priority=priority,
             pool=primary.pool,
             tags=list(tags),
             notify=notifications,
@@ -382,7 +382,7 @@ class Router:
 
     def _combine(
         self, primary: Outcome, hits: list[RouteRule], default: bool, info: Any, urgency: str
-    ) -> tuple[list[str], list[str], list[str], list[Any], str, Duration | None]:
+    ) -> tuple[list[str], list[str], list[str], list[Any], str, Duration | None, int]:
         """The case-independent part of a decision (memoised per hit combination)."""
         reg = self.registry
         assist: list[str] = []
@@ -404,7 +404,8 @@ class Router:
             or _pick_limit(self.default_time_limit, urgency)
         )
         limit = parse_duration(limit_text) if limit_text else None
-        return assist, tags, summon, notify_specs, tier, limit
+        priority = primary.priority or min((h.outcome.priority or 5 for h in hits), default=5)
+        return assist, tags, summon, notify_specs, tier, limit, priority
 
     def _trace(self, rule: RouteRule, fact: Mapping[str, Any]) -> RuleHit:
         """One line per top-level condition; an ``any`` group is shown whole."""

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
+from json.encoder import c_make_encoder as _c_make_encoder  # type: ignore[attr-defined]
+from json.encoder import encode_basestring as _encode_str
 from typing import Any
 
 import sqlalchemy as sa
@@ -238,11 +240,23 @@ def time_to_sqlite(value: datetime | None) -> str | None:
     return value.replace(tzinfo=None).isoformat(" ", "microseconds")
 
 
-#: JSON encoding for the SQLite fast path (the same text as :func:`dumps`; a circular
-#: structure raises RecursionError instead of ValueError)
-encode_json = json.JSONEncoder(
+_ENCODER = json.JSONEncoder(
     ensure_ascii=False, allow_nan=False, separators=(",", ":"), check_circular=False
-).encode
+)
+# the C encoder JSONEncoder.encode builds on every call, built once (same arguments)
+_c_encode: Callable[[Any, int], Sequence[str]] | None = (
+    None if _c_make_encoder is None else
+    _c_make_encoder(None, _ENCODER.default, _encode_str, None, ":", ",", False, False, False)
+)
+
+
+def encode_json(value: Any) -> str:
+    """JSON for the SQLite fast path: the same text as :func:`dumps` (a circular structure
+    raises RecursionError instead of ValueError)."""
+    if _c_encode is None or type(value) is str:
+        return _ENCODER.encode(value)
+    return "".join(_c_encode(value, 0))
+
 decode_json = json.JSONDecoder().decode
 
 

@@ -21,6 +21,9 @@ events, projections and timers stored are those the engine stores command by com
 transactions, hence the row ids, and that a failing *flush* or commit (a conflict with
 another writer, a value the database refuses) rolls back everything since the last commit
 and raises — :class:`BatchAborted` when a command's own transaction was what flushed.
+A new case's id is looked up in the store, unless the store held no case when the batch
+first inserted one: the batch then knows every case there (its own), and a case of the
+same id that another writer stores meanwhile makes the flush fail, not the command.
 
 A command that fails inside a batch changes nothing, as outside one: the engine buffers
 a command's writes only after all of its checks passed, and a block that fails after
@@ -34,10 +37,9 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, suppress
-from copy import copy
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, cast, overload
+from typing import Any, NamedTuple, cast, overload
 
 import sqlalchemy as sa
 
@@ -71,8 +73,7 @@ class _Entry:
     fired: dict[Pair, tuple[datetime, bool]] = field(default_factory=dict)  # → (at, stored)
 
 
-@dataclass(frozen=True)
-class _Saved:
+class _Saved(NamedTuple):  # a tuple: one is made per case and command
     record: CaseRecord
     n_events: int
     owned: bool
@@ -81,6 +82,13 @@ class _Saved:
 
 
 _UNKNOWN: Any = object()
+
+
+def _copy(record: CaseRecord) -> CaseRecord:
+    """A shallow copy (what ``copy.copy`` makes, without its reduce protocol)."""
+    twin = object.__new__(CaseRecord)
+    twin.__dict__.update(record.__dict__)
+    return twin
 
 
 def _aborted(exc: Exception) -> BatchAborted:
@@ -136,6 +144,8 @@ class UnitOfWork:
         self._seq = 0
         self._db_next_due: Any = _UNKNOWN  # earliest unfired timer in the database
         self._block = _Block(self)
+        self._empty: bool | None = None  # the store held no case at the first insert
+        self._ours: set[str] = set()  # the cases inserted since (when it held none)
         self.flushes = 0
         self.commits = 0
         #: called with (case id, events) after each successful engine transaction, for
@@ -192,6 +202,7 @@ class UnitOfWork:
     def _undo(self, journal: dict[str, _Saved | None]) -> None:
         for case_id, saved in journal.items():
             if saved is None:
+                self._ours.discard(case_id)
                 self._dirty.pop(case_id, None)
                 entry = self._entries.pop(case_id, None)
                 if entry is not None and entry.record.idempotency_key is not None:
@@ -243,7 +254,7 @@ class UnitOfWork:
         timer_rows: list[dict[str, Any]] = []
         for case_id, entry in dirty.items():
             if entry.events:
-                record = copy(entry.record)  # the store sets version/updated_at on it
+                record = _copy(entry.record)  # the store sets version/updated_at on it
                 if entry.new:
                     inserts.append((record, entry.events))
                 else:
@@ -298,6 +309,8 @@ class UnitOfWork:
         """Drop everything since the last commit."""
         cm, self._cm, self._tx = self._cm, None, None
         self._reset()
+        self._empty = None  # what the store holds is asked again
+        self._ours.clear()
         # an engine transaction still open has nothing left to undo
         self._journal, self._claimed, self._block_events = None, False, []
         if cm is not None:
@@ -343,10 +356,14 @@ class UnitOfWork:
                     key, owner.case_id, attempted_case_id=record.case_id,
                     existing_version=owner.version,
                 )
-        existing = self.get_case(record.case_id)
+        existing = self._entries.get(record.case_id)
+        if existing is None and self._may_exist(record.case_id):
+            existing = self.get_case(record.case_id)
         if existing is not None:
             raise ConcurrencyConflict(record.case_id, 0, existing.version)
         self._touch(record.case_id)
+        if self._empty:
+            self._ours.add(record.case_id)
         record.updated_at = events[-1].at.astimezone(UTC)
         # a new case has no timers in the store: its (empty) timers are owned from the start
         entry = self._entries[record.case_id] = _Entry(record, 0, True, list(events), owned=True)
@@ -356,6 +373,14 @@ class UnitOfWork:
         self._commands += 1
         self._block_events.append((record.case_id, events))
         return self._records(record.case_id, 0, events)
+
+    def _may_exist(self, case_id: str) -> bool:
+        """Whether the store may hold ``case_id`` (if not, a new case needs no lookup): a
+        store that held no case when the batch first inserted one holds only the cases
+        the batch wrote since — but for another writer's, which the flush finds."""
+        if self._empty is None:
+            self._empty = next(iter(self._db().iter_cases(batch=1)), None) is None
+        return not self._empty or case_id in self._ours
 
     def append(
         self, record: CaseRecord, expected_version: int, events: Sequence[NewEvent]
