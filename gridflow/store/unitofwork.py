@@ -356,9 +356,10 @@ class UnitOfWork:
                     key, owner.case_id, attempted_case_id=record.case_id,
                     existing_version=owner.version,
                 )
-        existing = self._entries.get(record.case_id)
-        if existing is None and self._may_exist(record.case_id):
-            existing = self.get_case(record.case_id)
+        entry = self._entries.get(record.case_id)
+        existing = entry.record if entry is not None else (
+            self.get_case(record.case_id) if self._may_exist(record.case_id) else None
+        )
         if existing is not None:
             raise ConcurrencyConflict(record.case_id, 0, existing.version)
         self._touch(record.case_id)
