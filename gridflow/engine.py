@@ -38,6 +38,7 @@ from gridflow.errors import (
 from gridflow.handle import PolicyHandle
 from gridflow.policy import Policy
 from gridflow.projection import apply, initial, iso, parse_time
+from gridflow.routing import Decision
 from gridflow.schema import CaseIn
 from gridflow.scoring import CRITERIA
 from gridflow.store import CaseRecord, EventRecord, IdempotencyConflict, NewEvent, Store
@@ -256,6 +257,8 @@ class Engine:
         self._workflows: dict[int, tuple[Policy, Workflow]] = {}
         self._uow: UnitOfWork | None = None
         self._moves: dict[tuple[Workflow, str, str, str], str] = {}  # next-state memo (batch)
+        # case id → (projection's case, the CaseIn it is the dump of), latest reports only
+        self._reported: dict[str, tuple[Mapping[str, Any], CaseIn]] = {}
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -580,7 +583,7 @@ class Engine:
             )
         ]
         if on_spot:
-            decision = policy.route(case_in)
+            decision = policy.router.route(case_in, trace=False)
             reg = policy.registry
             lead, tier = decision.lead, decision.tier
             if actor.department is not None and actor.department in reg.departments:
@@ -603,6 +606,9 @@ class Engine:
         for ev in events:
             proj = apply(proj, ev)
         record = self._record(proj, policy.version)
+        if len(self._reported) >= 4096:
+            self._reported.clear()
+        self._reported[case_id] = (proj["case"], case_in)
         try:
             with self._transaction() as tx:
                 if idempotency_key is not None:
@@ -636,13 +642,29 @@ class Engine:
     # -- step 3: dispatch -------------------------------------------------------------
 
     @staticmethod
-    def _decision_data(decision: Any, due: str | None) -> dict[str, Any]:
-        data: dict[str, Any] = decision.model_dump(
-            mode="json", exclude={"hits", "due_at", "case_id"}
-        )
-        data["matched"] = [h.rule for h in decision.hits]
-        data["due_at"] = due
-        return data
+    def _decision_data(decision: Decision, due: str | None) -> dict[str, Any]:
+        """What the projection keeps of a decision: its JSON form without ``hits``,
+        ``due_at`` and ``case_id`` (``decision.to_dict(exclude=…)``, same keys in the same
+        order, built by hand: pydantic's serializer cost more than the rest of a dispatch),
+        then the matched rules and the deadline."""
+        d = decision
+        return {
+            "category": d.category, "urgency": d.urgency, "lead": d.lead,
+            "lead_name": d.lead_name, "assist": list(d.assist), "tier": d.tier,
+            "unit": d.unit, "time_limit": d.time_limit, "priority": d.priority,
+            "pool": d.pool, "tags": list(d.tags),
+            "notify": [{"kind": n.kind, "target": n.target, "units": list(n.units)}
+                       for n in d.notify],
+            "summon": list(d.summon), "rule": d.rule, "source": d.source,
+            "default": d.default, "policy_version": d.policy_version,
+            "matched": [h.rule for h in d.hits], "due_at": due,
+        }
+
+    def _case_in(self, case_id: str, case: Mapping[str, Any]) -> CaseIn | Mapping[str, Any]:
+        """The validated case a projection's ``case`` came from, when this engine reported
+        it (routing then skips validating it again); else ``case`` itself."""
+        known = self._reported.get(case_id)
+        return known[1] if known is not None and known[0] is case else case
 
     def dispatch(
         self,
@@ -656,8 +678,9 @@ class Engine:
 
         def effect(c: _Ctx) -> tuple[dict[str, Any], list[NewEvent]]:
             policy, reg = c.policy, c.policy.registry
-            decision = policy.router.route(c.proj["case"], exclude=c.proj["excluded"],
-                                           with_due=False)
+            decision = policy.router.route(self._case_in(c.record.case_id, c.proj["case"]),
+                                           exclude=c.proj["excluded"], with_due=False,
+                                           trace=False)
             lead, tier, unit, pool = decision.lead, decision.tier, decision.unit, decision.pool
             payload: dict[str, Any] = {}
             location = c.proj["location"]

@@ -293,6 +293,7 @@ class Router:
         exclude: Sequence[str] = (),
         source: str | None = None,
         with_due: bool = True,
+        trace: bool = True,
     ) -> Decision:
         """Decide lead/assist/tier/deadline for a case.
 
@@ -300,6 +301,8 @@ class Router:
         lead is excluded are skipped (the next hit, or the default, applies).
         ``with_due=False`` leaves ``due_at`` out (``None``): the engine dates the deadline
         from the dispatch, not from the report, and saves the calendar arithmetic.
+        ``trace=False`` leaves out what each hit's conditions saw (``hits[i].conditions``
+        is empty), for callers that keep only the matched rules.
         """
         case = self.validate(data, source=source)
         fact = self.fact(case)
@@ -310,10 +313,11 @@ class Router:
                 rule = self.rules[t_index][i]
                 if rule.outcome.lead not in exclude:
                     hits.append(rule)
-        return self._decide(case, fact, hits, with_due)
+        return self._decide(case, fact, hits, with_due, trace)
 
     def _decide(
-        self, case: CaseIn, fact: Mapping[str, Any], hits: list[RouteRule], with_due: bool = True
+        self, case: CaseIn, fact: Mapping[str, Any], hits: list[RouteRule], with_due: bool = True,
+        trace: bool = True,
     ) -> Decision:
         reg = self.registry
         info = reg.categories[case.category]
@@ -376,7 +380,8 @@ class Router:
             rule=rule_id,
             source=source,
             default=default,
-            hits=[self._trace(h, fact) for h in hits],
+            hits=[self._trace(h, fact) if trace else RuleHit(h.table, h.rule_id, h.source, [])
+                  for h in hits],
             policy_version=self.version,
         )
 
