@@ -182,7 +182,7 @@ def _criteria(kind: str, criteria: str | Iterable[str] | None) -> list[str] | No
     return [c for c in CRITERIA if c in chosen]
 
 
-@dataclass
+@dataclass(slots=True)
 class _Ctx:
     """What a command's effect sees (everything is already loaded and checked)."""
 

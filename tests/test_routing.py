@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 
-from gridflow import CaseValidationError, DefinitionError, RoutingError, load_policy
+from gridflow import CaseValidationError, DefinitionError, Engine, RoutingError, load_policy
 from gridflow.policy import Policy
 from gridflow.schema import CaseIn, PolicyFile
 from tests import strategies as gs
@@ -52,6 +53,15 @@ def test_durable_rules_path_equals_reference(
             assert got.summon == want.summon
             assert got.default == (want.rule == "default")
             assert got.policy_version == compiled.version
+            # without the trace: the same decision, hits without what their conditions saw
+            untraced = compiled.router.route(raw, trace=False)
+            assert untraced == replace(got, hits=[replace(h, conditions=[]) for h in got.hits])
+            # what the engine keeps of it: the JSON form, same keys in the same order
+            kept = Engine._decision_data(got, "2026-01-05T09:00:00+00:00")
+            want_kept = {**got.to_dict(exclude={"hits", "due_at", "case_id"}),
+                         "matched": [h.rule for h in got.hits],
+                         "due_at": "2026-01-05T09:00:00+00:00"}
+            assert json.dumps(kept) == json.dumps(want_kept)
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +158,21 @@ def test_category_time_limit_is_inherited_when_rule_sets_none(mini: Policy) -> N
 def test_broadcast_reaches_every_grid_of_the_street(mini: Policy) -> None:
     d = mini.route({"category": "S01-01", "location": "g2", "description": "老人走失"})
     assert d.notify[0].units == ["g1", "g2", "g3", "g4"]
+
+
+@pytest.mark.parametrize("case", [
+    {"category": "S01-01", "location": "g2", "description": "老人走失"},  # broadcast notify
+    {"category": "E04-06", "location": "g3"},
+    {"category": "E01-10", "location": "g1"},
+])
+def test_the_engine_keeps_the_json_form_of_a_decision(mini: Policy, case: dict[str, Any]
+                                                       ) -> None:
+    """Engine._decision_data builds by hand what the decision's serializer gives."""
+    d = mini.route(case)
+    want = {**d.to_dict(exclude={"hits", "due_at", "case_id"}),
+            "matched": [h.rule for h in d.hits], "due_at": None}
+    assert json.dumps(Engine._decision_data(d, None), ensure_ascii=False) == json.dumps(
+        want, ensure_ascii=False)
 
 
 def test_exclude_skips_departments_that_returned_the_case(mini: Policy) -> None:

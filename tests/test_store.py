@@ -1272,6 +1272,82 @@ def test_write_many_is_a_few_statements(server_store: Store, request: pytest.Fix
     assert count(bulk, "events") == 40
 
 
+def _counting_lookups(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The case ids the store is asked for (StoreTx.get_case) from now on."""
+    asked: list[str] = []
+    get_case = StoreTx.get_case
+
+    def counted(self: StoreTx, case_id: str, **kw: Any) -> CaseRecord | None:
+        asked.append(case_id)
+        return get_case(self, case_id, **kw)
+
+    monkeypatch.setattr(StoreTx, "get_case", counted)
+    return asked
+
+
+def test_a_batch_on_an_empty_store_does_not_look_new_cases_up(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store held no case at the batch's first insert: new case ids need no lookup,
+    and a case id the batch already wrote is still refused at the command, before and
+    after a commit."""
+    asked = _counting_lookups(monkeypatch)
+    uow = UnitOfWork(store)
+    for name in ("a", "b", "c"):
+        uow.insert_case(new_case(name), [ev()])
+    assert asked == []
+    with pytest.raises(ConcurrencyConflict):
+        uow.insert_case(new_case("b"), [ev()])
+    uow.commit()
+    with pytest.raises(ConcurrencyConflict):
+        uow.insert_case(new_case("a"), [ev()])
+    uow.insert_case(new_case("d"), [ev()])
+    uow.commit()
+    assert asked == ["a"]  # its own case: looked up for the conflict, "d" was not
+    assert count(store, "cases") == 4
+    # a store that holds cases: every new case id is looked up
+    later = UnitOfWork(store)
+    later.insert_case(new_case("e"), [ev()])
+    with pytest.raises(ConcurrencyConflict):
+        later.insert_case(new_case("c"), [ev()])
+    later.commit()
+    assert asked == ["a", "e", "c"]
+
+
+def test_a_batch_undoing_an_insert_forgets_the_case(store: Store) -> None:
+    """A failed block's insert is undone: the case id is free again in the batch."""
+    uow = UnitOfWork(store)
+    with pytest.raises(RuntimeError), uow.transaction():
+        uow.insert_case(new_case("a"), [ev()])
+        raise RuntimeError("the command failed after buffering")
+    uow.insert_case(new_case("a"), [ev()])
+    uow.commit()
+    assert count(store, "cases") == 1
+
+
+def test_another_writers_case_of_the_same_id_fails_the_flush(server_store: Store) -> None:
+    """The batch did not look the new case up (the store was empty): another writer's
+    case of the same id, stored meanwhile, makes the flush fail and roll back."""
+    store = server_store
+    uow = UnitOfWork(store)
+    uow.insert_case(new_case("mine"), [ev()])
+    with store.transaction() as tx:
+        tx.insert_case(new_case("taken", state="theirs"), [ev("theirs")])
+    uow.insert_case(new_case("taken"), [ev()])
+    with pytest.raises(ConcurrencyConflict) as info:
+        uow.flush()
+    assert info.value.case_id == "taken"
+    with store.transaction() as tx:
+        assert tx.get_case("mine") is None
+        assert tx.require_case("taken").state == "theirs"
+    # rolled back: the batch asks the (no longer empty) store again
+    with pytest.raises(ConcurrencyConflict):
+        uow.insert_case(new_case("taken"), [ev()])
+    uow.insert_case(new_case("mine"), [ev()])
+    uow.commit()
+    assert count(store, "cases") == 2
+
+
 def test_a_failing_flush_rolls_the_batch_back(server_store: Store) -> None:
     """Another writer moves a case on after the batch read it: the flush raises the
     conflict and everything since the last commit is gone; inside an engine transaction
