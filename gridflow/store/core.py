@@ -226,8 +226,12 @@ def _event_ok(ev: NewEvent) -> bool:
 
 
 def _validate_events(events: Sequence[NewEvent], errors: list[FieldError]) -> None:
-    if events and all(_event_ok(ev) for ev in events):
-        return
+    for ev in events:
+        if not _event_ok(ev):
+            break
+    else:
+        if events:
+            return
     if not events:
         errors.append(FieldError("events", "at least one event is required"))
     for i, ev in enumerate(events):
