@@ -225,12 +225,21 @@ class Statements:
 # ---------------------------------------------------------------------------- SQLite
 
 
+_SQLITE_TIMES: dict[datetime, str] = {}  # recent UTC answers: a case row's times are events'
+
+
 def time_to_sqlite(value: datetime | None) -> str | None:
     """UTCDateTime's SQLite storage format (what SQLAlchemy writes), without its overhead."""
     if value is None:
         return None
     if value.tzinfo is UTC:  # "YYYY-MM-DD HH:MM:SS.ffffff+00:00" without its offset
-        return value.isoformat(" ", "microseconds")[:26]
+        text = _SQLITE_TIMES.get(value)
+        if text is None:
+            text = value.isoformat(" ", "microseconds")[:26]
+            if len(_SQLITE_TIMES) >= 4096:
+                _SQLITE_TIMES.clear()
+            _SQLITE_TIMES[value] = text
+        return text
     if value.tzinfo is not UTC:
         if value.tzinfo is None or value.utcoffset() is None:
             raise ValueError(
