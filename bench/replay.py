@@ -9,7 +9,8 @@ Routing: the same rules (bench/policygen.py) as one hand-written durable.engine 
 ruleset, posted case by case, against ``gridflow.replay.replay_routing`` over the same
 validated cases; every decision of the replay is checked against the raw ruleset (and a
 sample against ``Policy.route``) before the ratio is printed. Life cycle: the same
-records through one process (``LifecycleReplay``) and through ``--jobs`` worker processes
+records through one process (``LifecycleReplay`` under ``tuned_gc``, as ``gridflow
+replay`` runs it) and through ``--jobs`` worker processes
 (``ShardedLifecycleReplay``, default: one per core), each into a new file SQLite
 database; the two reports must be identical. Targets: routing ≥ 5× the raw ruleset; life
 cycle ≥ 3,000 cases/s; 1M-case CSV replay ≤ 500 MB peak RSS.
@@ -18,6 +19,7 @@ cycle ≥ 3,000 cases/s; 1M-case CSV replay ≤ 500 MB peak RSS.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -35,7 +37,7 @@ import gridflow
 from gridflow.generate import Settings, write_log
 from gridflow.importer import LogReader, LogRecord
 from gridflow.replay import LifecycleReplay, RouteMemo, replay_routing, to_json
-from gridflow.shards import ShardedLifecycleReplay
+from gridflow.shards import ShardedLifecycleReplay, tuned_gc
 from gridflow.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,9 +96,11 @@ def _lifecycle_run(policy: Any, records: list[LogRecord], db: Path, jobs: int) -
     t0 = time.perf_counter()
     run: Any = (LifecycleReplay(policy, store) if jobs == 1 else
                 ShardedLifecycleReplay(policy, store, jobs=jobs))
-    for rec in records:
-        run.feed(rec)
-    run.finish()
+    # one process replays as `gridflow replay` does (the workers tune their own)
+    with tuned_gc() if jobs == 1 else contextlib.nullcontext():
+        for rec in records:
+            run.feed(rec)
+        run.finish()
     total_s = time.perf_counter() - t0
     with store.transaction(readonly=True) as tx:
         stored = sum(1 for _ in tx.iter_cases())
