@@ -257,7 +257,8 @@ class Engine:
         self._workflows: dict[int, tuple[Policy, Workflow]] = {}
         self._uow: UnitOfWork | None = None
         self._moves: dict[tuple[Workflow, str, str, str], str] = {}  # next-state memo (batch)
-        # case id → (projection's case, the CaseIn it is the dump of), latest reports only
+        # case id → (projection's case, the CaseIn it is the dump of): the latest reports
+        # in a batch, whose working set hands the same dict to a later dispatch
         self._reported: dict[str, tuple[Mapping[str, Any], CaseIn]] = {}
 
     # -- plumbing ---------------------------------------------------------------------
@@ -606,9 +607,10 @@ class Engine:
         for ev in events:
             proj = apply(proj, ev)
         record = self._record(proj, policy.version)
-        if len(self._reported) >= 4096:
-            self._reported.clear()
-        self._reported[case_id] = (proj["case"], case_in)
+        if self._uow is not None:  # only a batch keeps the projection's dict for a dispatch
+            if len(self._reported) >= 4096:
+                self._reported.clear()
+            self._reported[case_id] = (proj["case"], case_in)
         try:
             with self._transaction() as tx:
                 if idempotency_key is not None:

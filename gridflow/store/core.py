@@ -226,12 +226,8 @@ def _event_ok(ev: NewEvent) -> bool:
 
 
 def _validate_events(events: Sequence[NewEvent], errors: list[FieldError]) -> None:
-    for ev in events:
-        if not _event_ok(ev):
-            break
-    else:
-        if events:
-            return
+    if events and all(map(_event_ok, events)):
+        return
     if not events:
         errors.append(FieldError("events", "at least one event is required"))
     for i, ev in enumerate(events):
