@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import types
 import typing
 from collections.abc import Callable, Iterable
@@ -199,8 +200,21 @@ def _schema_problems(located: Located, exc: ValidationError, prefix: YPath = ())
             if msg not in messages:
                 messages.append(msg)
         where = ".".join(str(x) for x in p) or "file"
-        problems.append(located.problem(p, f"{where}: " + " or ".join(messages[:3])))
+        problems.append(located.problem(p, f"{where}: " + " or ".join(messages[:3]),
+                                        suggestion=_choice_hint(errs)))
     return problems
+
+
+def _choice_hint(errs: list[dict[str, Any]]) -> str | None:
+    """The allowed value closest to a mistyped one (``hit: uniqe`` → 'unique')."""
+    for e in errs:
+        expected = (e.get("ctx") or {}).get("expected")
+        if e["type"] in ("literal_error", "enum") and isinstance(e.get("input"), str) \
+                and isinstance(expected, str):
+            hint = suggest(e["input"], re.findall(r"'([^']*)'", expected))
+            if hint is not None:
+                return hint
+    return None
 
 
 _ITEM_MODELS: dict[str, type[BaseModel]] = {

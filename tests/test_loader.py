@@ -157,7 +157,12 @@ BROKEN = [
     Broken(
         "wrong-type-hit-policy",
         (("routing.yaml", "hit: first", "hit: firts"),),
-        (Expected("routing.yaml", "firts", "'first', 'unique' or 'collect'"),),
+        (Expected("routing.yaml", "firts", "'first', 'unique' or 'collect'", "first"),),
+    ),
+    Broken(
+        "wrong-choice-without-close-match",
+        (("routing.yaml", "hit: first", "hit: everything"),),
+        (Expected("routing.yaml", "everything", "'first', 'unique' or 'collect'"),),
     ),
     Broken(
         "wrong-type-priority",
