@@ -149,6 +149,10 @@ def _pydantic_errors(exc: ValidationError) -> list[FieldError]:
             msg = "required field missing"
         elif err["type"] == "extra_forbidden":
             msg = "unknown field"
+        elif err["type"] in ("literal_error", "enum") and isinstance(err.get("input"), str):
+            expected = str((err.get("ctx") or {}).get("expected", ""))
+            hint = suggest(err["input"], re.findall(r"'([^']*)'", expected))
+            msg += f" (did you mean '{hint}'?)" if hint else ""
         out.append(FieldError(loc, msg))
     return out
 
@@ -156,7 +160,8 @@ def _pydantic_errors(exc: ValidationError) -> list[FieldError]:
 def validate_case(
     reg: Registry, data: CaseIn | Mapping[str, Any], *, source: str | None = None
 ) -> CaseIn:
-    """Validate a case document against the schema and the policy's references."""
+    """Validate a case document against the schema and the policy's references; every
+    bad field is reported at once (a schema error does not hide an unknown category)."""
     if isinstance(data, CaseIn):
         case = data
     else:
@@ -165,32 +170,54 @@ def validate_case(
         try:
             case = CaseIn.model_validate(dict(data))
         except ValidationError as exc:
-            raise CaseValidationError(_pydantic_errors(exc), source=source) from None
+            errors = _pydantic_errors(exc)
+            bad = {e.field.partition(".")[0] for e in errors}
+            raw = {k: v for k, v in data.items() if k not in bad}
+            attributes = raw.get("attributes")
+            errors += _reference_errors(
+                reg, raw.get("category"), raw.get("location"), raw.get("channel"),
+                attributes if isinstance(attributes, Mapping) else {},
+            )
+            raise CaseValidationError(errors, source=source) from None
+    errors = _reference_errors(reg, case.category, case.location, case.channel,
+                               case.attributes)
+    if errors:
+        raise CaseValidationError(errors, source=source)
+    return case
+
+
+def _reference_errors(
+    reg: Registry, category: Any, location: Any, channel: Any, attributes: Mapping[str, Any]
+) -> list[FieldError]:
+    """What the policy refuses in a case's references (values that are not strings were
+    reported by the schema, or are absent)."""
     errors: list[FieldError] = []
-    if case.category not in reg.categories:
-        hint = suggest(case.category, reg.categories)
+    if isinstance(category, str) and category not in reg.categories:
+        hint = suggest(category, reg.categories)
         errors.append(
             FieldError(
                 "category",
-                f"unknown category '{case.category}'"
-                + (f" (did you mean '{hint}'?)" if hint else ""),
+                f"unknown category '{category}'" + (f" (did you mean '{hint}'?)" if hint else ""),
             )
         )
-    if case.location not in reg.units:
-        hint = suggest(case.location, reg.units)
+    if isinstance(location, str) and location not in reg.units:
+        hint = suggest(location, reg.units)
         errors.append(
             FieldError(
                 "location",
-                f"unknown unit '{case.location}'" + (f" (did you mean '{hint}'?)" if hint else ""),
+                f"unknown unit '{location}'" + (f" (did you mean '{hint}'?)" if hint else ""),
             )
         )
-    if case.channel not in reg.channels:
+    if isinstance(channel, str) and channel not in reg.channels:
+        hint = suggest(channel, reg.channels)
         errors.append(
             FieldError(
-                "channel", f"unknown channel '{case.channel}' (allowed: {', '.join(reg.channels)})"
+                "channel",
+                f"unknown channel '{channel}'" + (f" (did you mean '{hint}'?)" if hint else
+                                                  f" (allowed: {', '.join(reg.channels)})"),
             )
         )
-    for name, value in case.attributes.items():
+    for name, value in attributes.items():
         kind = reg.attributes.get(name)
         if kind is None:
             hint = suggest(name, reg.attributes)
@@ -213,9 +240,7 @@ def validate_case(
             reg.attribute_values[name] or ()
         ):
             errors.append(FieldError(f"attributes.{name}", f"{value!r} is not an allowed value"))
-    if errors:
-        raise CaseValidationError(errors, source=source)
-    return case
+    return errors
 
 
 def case_fact(reg: Registry, calendar: BusinessCalendar, case: CaseIn) -> dict[str, Any]:

@@ -201,6 +201,12 @@ def test_exclude_skips_departments_that_returned_the_case(mini: Policy) -> None:
         ),
         ({"category": "E01-10", "location": "g1", "channel": "pigeon"}, ["channel"]),
         ({"category": 7, "location": "g1", "colour": "red"}, ["category", "colour"]),
+        # a schema error does not hide what the policy refuses in the other fields
+        (
+            {"category": "E0l-10", "location": "g99", "channel": "pigeon", "urgency": "urgnt",
+             "attributes": {"floors": 3}},
+            ["urgency", "category", "location", "channel", "attributes.floors"],
+        ),
     ],
 )
 def test_invalid_case_names_the_field(
@@ -216,3 +222,17 @@ def test_invalid_case_names_the_field(
 def test_near_miss_category_is_suggested(mini: Policy) -> None:
     with pytest.raises(CaseValidationError, match="did you mean 'E01-10'"):
         mini.route({"category": "E0l-10", "location": "g1"})
+
+
+def test_bad_attribute_value_and_unknown_channel_are_both_reported(mini: Policy) -> None:
+    with pytest.raises(CaseValidationError) as info:
+        mini.route({"category": "E01-10", "location": "g1", "attributes": {"a": [1]},
+                    "channel": "pigeon"})
+    fields = info.value.fields
+    assert "channel" in fields
+    assert fields and all(f == "channel" or f.startswith("attributes.a") for f in fields)
+
+
+def test_near_miss_urgency_is_suggested(mini: Policy) -> None:
+    with pytest.raises(CaseValidationError, match="did you mean 'urgent'"):
+        mini.route({"category": "E01-10", "location": "g1", "urgency": "urgnt"})
