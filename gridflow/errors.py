@@ -133,13 +133,18 @@ class TransitionNotAllowed(GridflowRuntimeError):
         case_id: str | None = None,
         role: str | None = None,
         reason: str | None = None,
+        possible: Sequence[str] | None = None,
     ):
         self.trigger = trigger
         self.state = state
         self.case_id = case_id
         self.role = role
+        #: the triggers that may fire from ``state`` (when the refusal is about the state)
+        self.possible_triggers = tuple(possible) if possible is not None else None
         where = f"case {case_id}: " if case_id else ""
         msg = reason or f"'{trigger}' is not allowed from state '{state}'"
+        if reason is None and possible is not None:
+            msg += f" (possible there: {', '.join(possible) or 'nothing, it is final'})"
         super().__init__(f"{where}{msg}")
 
 
@@ -156,6 +161,7 @@ class RoleNotAllowed(TransitionNotAllowed):
         case_id: str | None = None,
     ):
         self.allowed_roles = tuple(allowed)
+        hint = suggest(role, allowed) if isinstance(role, str) else None
         super().__init__(
             trigger,
             state,
@@ -163,6 +169,7 @@ class RoleNotAllowed(TransitionNotAllowed):
             role=role,
             reason=(
                 f"role '{role}' may not '{trigger}' (allowed: {', '.join(allowed) or 'nobody'})"
+                + (f"; did you mean '{hint}'?" if hint else "")
             ),
         )
 

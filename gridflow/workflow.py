@@ -612,10 +612,10 @@ class Workflow:
             )
         if state not in self._sources[trigger]:
             if not self.graph.has_state(state):
-                reason = _unknown("state", state, self.graph.state_names)
-            else:
-                reason = None
-            raise TransitionNotAllowed(trigger, state, case_id=case_id, role=role, reason=reason)
+                raise TransitionNotAllowed(trigger, state, case_id=case_id, role=role,
+                                           reason=_unknown("state", state, self.graph.state_names))
+            raise TransitionNotAllowed(trigger, state, case_id=case_id, role=role,
+                                       possible=self.allowed_triggers(state))
         if role not in self._roles[trigger]:
             raise RoleNotAllowed(trigger, state, role, spec.roles, case_id=case_id)
 

@@ -248,6 +248,13 @@ def test_next_state_table(
         assert info.value.trigger == trigger
         assert info.value.state == state
         assert str(info.value).startswith("case C-1: ")
+        if expected is TransitionNotAllowed and WORKFLOW.graph.has_state(state) \
+                and trigger in WORKFLOW.graph.trigger_names:
+            # a refusal about the state names what the state allows instead
+            possible = info.value.possible_triggers
+            assert possible == tuple(WORKFLOW.allowed_triggers(state))
+            assert trigger not in possible
+            assert all(t in str(info.value) for t in possible)
     # refused or not, nothing is retained and the workflow behaves the same afterwards
     assert WORKFLOW.machine.models == []
     assert WORKFLOW.allowed_triggers("reported") == before
@@ -266,6 +273,9 @@ def test_error_messages_are_clear() -> None:
     assert info.value.allowed_roles == ("clerk", "duty_chief", "grid_chief")
     assert info.value.role == "handler"
     assert "role 'handler' may not 'file'" in str(info.value)
+    assert "did you mean" not in str(info.value)
+    with pytest.raises(RoleNotAllowed, match="did you mean 'clerk'"):
+        WORKFLOW.next_state("reported", "file", "clark")
 
 
 def test_full_seven_step_flow_and_on_the_spot_flow() -> None:
