@@ -10,7 +10,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -425,26 +425,71 @@ def _replay_summary(doc: dict[str, Any]) -> None:
                        f"{life['errors_by_step']}", markup=False)
     cmp_doc = doc.get("compare")
     if cmp_doc is not None:
-        cr = cmp_doc["routing"]
-        _out.print(f"what-if {cmp_doc['policy']['name']} ({cmp_doc['policy']['version']}): "
-                   f"routing changes {cr['changed']}", markup=False)
+        _compare_summary(cmp_doc)
+
+
+_CHANGE_NAMES = {"lead": "lead department", "tier": "tier", "time_limit": "time limit",
+                 "due_at": "due time", "overdue": "overdue status", "state": "final state"}
+
+
+def _changes(kind: str, section: Mapping[str, Any]) -> str:
+    """'routing: 684 of 20,000 cases change (lead department 446, …)'."""
+    changed = dict(section["changed"])
+    n = changed.pop("any", 0)
+    if not n:
+        return f"{kind}: no case changes (of {section['compared']:,})"
+    parts = ", ".join(f"{_CHANGE_NAMES.get(k, k)} {v:,}" for k, v in changed.items())
+    return f"{kind}: {n:,} of {section['compared']:,} cases change ({parts})"
+
+
+def _num(v: Any, sign: str = "") -> str:
+    return f"{v:{sign},}" if isinstance(v, int) else f"{v:{sign}g}"
+
+
+def _compare_summary(cmp_doc: Mapping[str, Any]) -> None:
+    q, cr = cmp_doc["policy"], cmp_doc["routing"]
+    _out.print(f"what-if {q['name']} (version {q['version']})", markup=False)
+    _out.print("  " + _changes("routing", cr), markup=False)
+    moved = {d: v for d, v in cr["per_department"].items() if v["change"]}
+    if moved:
         table = Table(title="cases per lead department")
         for col in ("department", "before", "after", "change"):
             table.add_column(col)
-        for d, v in cr["per_department"].items():
-            if v["change"]:
-                table.add_row(d, f"{v['before']:,}", f"{v['after']:,}", f"{v['change']:+,}")
+        for d, v in moved.items():
+            table.add_row(d, f"{v['before']:,}", f"{v['after']:,}", f"{v['change']:+,}")
         _out.print(table)
-        lc = cmp_doc.get("lifecycle")
-        if lc is not None:
-            _out.print(f"life-cycle changes {lc['changed']}", markup=False)
-            table = Table(title="indicators")
-            for col in ("indicator", "before", "after", "change"):
-                table.add_column(col)
-            for k, v in lc["indicators"].items():
-                if v["change"]:
-                    table.add_row(k, str(v["before"]), str(v["after"]), f"{v['change']:+g}")
+    else:
+        _out.print("  no lead department gains or loses cases", markup=False)
+    lc = cmp_doc.get("lifecycle")
+    if lc is not None:
+        _out.print("  " + _changes("life cycle", lc), markup=False)
+        table = Table(title="indicators")
+        for col in ("indicator", "before", "after", "change"):
+            table.add_column(col)
+        for k, v in lc["indicators"].items():
+            if not v["change"]:
+                continue
+            if k.endswith("_rate"):
+                table.add_row(k, f"{v['before'] * 100:.2f}%", f"{v['after'] * 100:.2f}%",
+                              f"{v['change'] * 100:+.2f} pp")
+            else:
+                table.add_row(k, _num(v["before"]), _num(v["after"]), _num(v["change"], "+"))
+        if table.row_count:
             _out.print(table)
+        else:
+            _out.print("  no indicator moves", markup=False)
+    cases = (lc or cr)["cases"]
+    if cases:
+        table = Table(title=f"changed cases (first {min(len(cases), 10)} of "
+                            f"{(lc or cr)['changed'].get('any', 0):,}; all in --json/--html)")
+        for col in ("row", "case", "changed", "before", "after"):
+            table.add_column(col)
+        for c in cases[:10]:
+            fields = c["changed"]
+            table.add_row(str(c["row"]), c["case_id"], ", ".join(fields),
+                          ", ".join(str(c["before"].get(f)) for f in fields),
+                          ", ".join(str(c["after"].get(f)) for f in fields))
+        _out.print(table)
 
 
 @main.command("replay")

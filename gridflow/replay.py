@@ -636,7 +636,7 @@ class CaseOutcome:
     state: str
     lead: str | None
     tier: str | None
-    due_at: str | None
+    due_at: str | None  # ISO 8601 in the policy's time zone (as routing's due times)
     overdue: bool  # should-close and not closed on time at the end of the replay
 
     def to_dict(self) -> dict[str, Any]:
@@ -987,7 +987,8 @@ class LifecycleReplay(_Counted):
             self.on_outcome(CaseOutcome(
                 oc.case_id, oc.record.row, facts.state, facts.lead,
                 view.tier if view is not None else None,
-                facts.due_at.isoformat() if facts.due_at is not None else None,
+                (facts.due_at.astimezone(policy.calendar.timezone).isoformat()
+                 if facts.due_at is not None else None),
                 bool(should and not (facts.closed and facts.on_time)),
             ))
 

@@ -484,6 +484,33 @@ def test_cli_generate_and_replay(tmp_path: Path, changed_policy: Policy) -> None
     assert result.exit_code == 0 and json.loads(result.output)["mode"] == "routing"
 
 
+def test_cli_what_if_summary_reads_like_the_json(log600: Path, changed_policy: Policy,
+                                                 tmp_path: Path) -> None:
+    """The terminal summary of --compare states the JSON's counts in words, the moved
+    departments, the rates in percent and the first changed cases with local due times."""
+    out = tmp_path / "w.json"
+    result = CliRunner().invoke(main, ["replay", str(WUJIN_DIR), str(log600), "--json",
+                                       str(out), "--compare", str(changed_policy.root)])
+    assert result.exit_code == 0, result.output
+    cmp_doc = json.loads(out.read_text("utf-8"))["compare"]
+    cr, lc = cmp_doc["routing"], cmp_doc["lifecycle"]
+    text = result.output
+    assert f"routing: {cr['changed']['any']:,} of {cr['compared']:,} cases change (" in text
+    assert f"lead department {cr['changed']['lead']:,}" in text
+    assert f"life cycle: {lc['changed']['any']:,} of {lc['compared']:,} cases change" in text
+    assert "{'any'" not in text  # no raw dicts
+    for d, v in cr["per_department"].items():
+        if v["change"]:
+            assert f"{v['change']:+,}" in text and d in text
+    rate = lc["indicators"]["on_time_rate"]
+    if rate["change"]:
+        assert f"{rate['before'] * 100:.2f}%" in text
+    first = lc["cases"][0]
+    assert first["case_id"] in text
+    due = [c["after"]["due_at"] for c in lc["cases"] if c["after"]["due_at"]]
+    assert due and all(d.endswith("+08:00") for d in due)  # the policy's zone, as routing
+
+
 def test_cli_replay_and_report_with_a_table_prefix_and_jobs(log600: Path, tmp_path: Path) -> None:
     """--jobs gives the one-process JSON; --prefix puts the tables under another name,
     and report finds them only with the same prefix."""
