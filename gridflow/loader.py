@@ -29,7 +29,7 @@ from gridflow.compiler import (
     category_scope,
     check_regex,
 )
-from gridflow.conditions import LowerContext, lower_when
+from gridflow.conditions import CATEGORY, LowerContext, Predicate, lower_when
 from gridflow.errors import CaseValidationError, DefinitionError, Problem, suggest
 from gridflow.policy import Lifecycle
 from gridflow.registry import DEFAULT_CHANNELS, CategoryInfo, DepartmentInfo, Registry, UnitInfo
@@ -882,25 +882,48 @@ class _Builder:
                     by_code.setdefault(code, []).append(j)
 
     def gaps(self, reg: Registry, rules: list[list[RouteRule]]) -> None:
+        """Without a default route, every category needs a rule that matches all of its
+        cases: none at all is an error; rules with further conditions (a description
+        test, an attribute, …) leave the other cases without a route (a lint)."""
         if "routing.default" in self.singletons or self.incomplete:
             return
         codes = sorted(reg.categories)
-        covered: set[str] = set()
+        full: set[str] = set()
+        partial: dict[str, list[RouteRule]] = {}
         for table in rules:
             for rule in table:
                 scope = category_scope(rule.cond, codes)
-                if scope is None:
-                    return  # some rule applies to every category
-                covered |= scope
+                for code in codes if scope is None else sorted(scope):
+                    if code in full:
+                        continue
+                    only = Predicate(CATEGORY, "eq", code, "category")
+                    if analysis.shadows(rule.cond, only):  # it matches every case of code
+                        full.add(code)
+                    else:
+                        partial.setdefault(code, []).append(rule)
         for code in codes:
-            if code not in covered:
-                located, path = self.locations[("category", code)]
+            if code in full:
+                continue
+            located, path = self.locations[("category", code)]
+            conditional = partial.get(code)
+            if not conditional:
                 self.err(
                     located,
                     (*path, "code"),
                     f"category '{code}' has no route and the policy declares no default "
                     "route (routing.default)",
                 )
+                continue
+            names = ", ".join(f"'{r.rule_id}'" for r in conditional[:3])
+            more = f" and {len(conditional) - 3} more" if len(conditional) > 3 else ""
+            self.err(
+                located,
+                (*path, "code"),
+                f"category '{code}' is routed only when the other conditions of rule(s) "
+                f"{names}{more} hold; its other cases have no route and the policy declares "
+                "no default route (routing.default)",
+                severity=self.lint_severity,
+            )
 
     # life cycle --------------------------------------------------------------------------
 

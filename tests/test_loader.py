@@ -336,7 +336,11 @@ BROKEN = [
     Broken(
         "category-gap-without-default-route",
         (("routing.yaml", "  default: {lead: centre, time_limit: 1wd}\n", ""),),
-        (Expected("categories.yaml", "E01\n", "category 'E01' has no route"),),
+        (Expected("categories.yaml", "E01\n", "category 'E01' has no route"),
+         # rules that also test the description leave the category's other cases unrouted
+         Expected("categories.yaml", "E01-10,", "category 'E01-10' is routed only when the "
+                  "other conditions of rule(s) 'garbage' hold"),
+         Expected("categories.yaml", "E01-11,", "rule(s) 'stairwell' hold")),
     ),
     # --- calendar --------------------------------------------------------------------------
     Broken(
@@ -430,6 +434,47 @@ def test_broken_policy_is_reported_at_the_offending_token(case: Broken, tmp_path
             assert "did you mean" not in str(located[0])
     if case.exact:
         assert len(found) == len(case.expected), f"unexpected extra errors:\n{err}"
+
+
+NO_DEFAULT = ("routing.yaml", "  default: {lead: centre, time_limit: 1wd}\n", "")
+
+
+@pytest.mark.parametrize(
+    ("rule", "gaps"),
+    [
+        # a rule without a category test but with another condition covers nothing fully:
+        # it no longer switches the gap check off
+        ("{id: urgent-any, when: {urgency: urgent}, then: {lead: centre}}",
+         {"E01": "is routed only when", "E01-10": "is routed only when",
+          "E01-11": "is routed only when"}),
+        # a catch-all rule routes every case of every category
+        ("{id: catch-all, when: {}, then: {lead: centre}}", {}),
+        # so does a category test alone
+        ("{id: all-e01, when: {category: {prefix: E01}}, then: {lead: centre}}", {}),
+        # a rule on the group code alone covers the group code, not its children
+        ("{id: group, when: {category: E01}, then: {lead: centre}}",
+         {"E01-10": "is routed only when", "E01-11": "is routed only when"}),
+    ],
+)
+def test_gaps_without_a_default_route(
+    tmp_path: Path, rule: str, gaps: dict[str, str]
+) -> None:
+    edit = ("routing.yaml", "  tables:\n",
+            f"  tables:\n    - id: extra\n      hit: first\n      rules:\n        - {rule}\n")
+    root = make_policy(tmp_path / "p", (NO_DEFAULT, edit))
+    found: dict[str, str] = {}
+    try:
+        load_policy(root, today=TODAY)
+    except DefinitionError as err:
+        for p in errors_of(err):
+            code = p.message.split("'")[1]
+            found[code] = p.message
+    assert sorted(found) == sorted(gaps), found
+    for code, words in gaps.items():
+        assert words in found[code]
+    # partly routed categories are lints: warnings when the load is not strict
+    policy = load_policy(root, today=TODAY, strict=False)
+    assert sorted(w.message.split("'")[1] for w in policy.warnings) == sorted(gaps)
 
 
 def test_the_mini_fixture_itself_is_valid() -> None:
