@@ -11,7 +11,7 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 
 from gridflow.calendar import BusinessCalendar, Duration, parse_duration
-from gridflow.compiler import CompiledRules
+from gridflow.compiler import CompiledRules, category_scope
 from gridflow.conditions import (
     CATEGORY,
     CHANNEL,
@@ -26,7 +26,7 @@ from gridflow.conditions import (
     level_field,
     tests_of,
 )
-from gridflow.errors import CaseValidationError, FieldError, suggest
+from gridflow.errors import CalendarRangeError, CaseValidationError, FieldError, suggest
 from gridflow.registry import Registry
 from gridflow.schema import CaseIn, Outcome
 
@@ -271,6 +271,13 @@ def case_fact(reg: Registry, calendar: BusinessCalendar, case: CaseIn) -> dict[s
     return fact
 
 
+_WORKDAY, _HOLIDAY, _WORKING = (TIME_FIELDS[n] for n in ("workday", "holiday", "working_hours"))
+_CALENDAR_FIELDS = frozenset((_WORKDAY, _HOLIDAY, _WORKING))
+# (workday, holiday, within working hours) as a day with holiday data can have them
+_DAY_KINDS = ((True, False, True), (True, False, False), (False, True, False),
+              (False, False, False))
+
+
 def _pick_limit(spec: Any, urgency: str) -> str | None:
     if spec is None:
         return None
@@ -304,6 +311,7 @@ class Router:
         self.version = version
         self._trace_shapes: dict[int, list[tuple[str, str, tuple[str, ...]]]] = {}
         self._combined: dict[tuple[Any, ...], Any] = {}
+        self._calendar_tests: dict[str, bool] = {}
 
     def validate(self, data: CaseIn | Mapping[str, Any], *, source: str | None = None) -> CaseIn:
         return validate_case(self.registry, data, source=source)
@@ -331,7 +339,11 @@ class Router:
         """
         case = self.validate(data, source=source)
         fact = self.fact(case)
-        per_table = self.compiled.match(fact)
+        if (case.reported_at is not None and _WORKDAY not in fact
+                and self._tests_calendar(case.category)):
+            per_table = self._without_holiday_data(case.reported_at, fact)
+        else:
+            per_table = self.compiled.match(fact)
         hits: list[RouteRule] = []
         for t_index, indexes in enumerate(per_table):
             for i in indexes:
@@ -339,6 +351,38 @@ class Router:
                 if rule.outcome.lead not in exclude:
                     hits.append(rule)
         return self._decide(case, fact, hits, with_due, trace)
+
+    def _tests_calendar(self, category: str) -> bool:
+        """Whether a rule that can match ``category`` tests a field that needs the
+        calendar's holiday data (workday, holiday, working hours)."""
+        found = self._calendar_tests.get(category)
+        if found is None:
+            codes = sorted(self.registry.categories)
+            found = any(
+                t.field in _CALENDAR_FIELDS
+                for table in self.rules for rule in table
+                if (scope := category_scope(rule.cond, codes)) is None or category in scope
+                for t in tests_of(rule.cond)
+            )
+            self._calendar_tests[category] = found
+        return found
+
+    def _without_holiday_data(self, reported: datetime, fact: dict[str, Any]) -> list[list[int]]:
+        """The hits of a case reported on a day the calendar has no holiday data for, when
+        they are the same whatever that data would say (working day or not, holiday or
+        not, within working hours or not); otherwise :class:`CalendarRangeError` — a
+        rule would be decided on a guess."""
+        found: list[list[int]] | None = None
+        for workday, holiday, working in _DAY_KINDS:
+            trial = {**fact, _WORKDAY: workday, _HOLIDAY: holiday, _WORKING: working}
+            hits = self.compiled.match(trial)
+            if found is None:
+                found = hits
+            elif hits != found:
+                day = reported.astimezone(self.calendar.timezone).date()
+                raise CalendarRangeError(day, covered=self.calendar.covered_description)
+        assert found is not None
+        return found
 
     def _decide(
         self, case: CaseIn, fact: Mapping[str, Any], hits: list[RouteRule], with_due: bool = True,

@@ -70,17 +70,23 @@ def _field(cond: Any, seen: Any, scalar: str = "eq", listed: str = "in") -> bool
     return _op(scalar, seen, cond)
 
 
-def _reported(rep: WhenTime, policy: Policy, case: CaseIn) -> bool:
+# (workday, holiday, within working hours): what a day with holiday data can be
+DAY_KINDS = ((True, False, True), (True, False, False), (False, True, False), (False, False, False))
+Kind = tuple[bool, bool, bool] | None
+
+
+def _reported(rep: WhenTime, policy: Policy, case: CaseIn, kind: Kind = None) -> bool:
     if case.reported_at is None:
         return all(getattr(rep, k) is None for k in WhenTime.model_fields)
     cal = policy.calendar
     local = case.reported_at.astimezone(cal.timezone)
     day = local.date()
+    covered = cal.covers(day)
     values = {
-        "working_hours": cal.is_working_time(local) if cal.covers(day) else MISSING,
-        "workday": cal.is_workday(day) if cal.covers(day) else MISSING,
+        "working_hours": cal.is_working_time(local) if covered else kind[2] if kind else MISSING,
+        "workday": cal.is_workday(day) if covered else kind[0] if kind else MISSING,
         "weekend": local.isoweekday() >= 6,
-        "holiday": cal.is_holiday(day) if cal.covers(day) else MISSING,
+        "holiday": cal.is_holiday(day) if covered else kind[1] if kind else MISSING,
         "hour": local.hour,
         "weekday": local.isoweekday(),
     }
@@ -91,7 +97,7 @@ def _reported(rep: WhenTime, policy: Policy, case: CaseIn) -> bool:
     return True
 
 
-def matches(when: When, policy: Policy, case: CaseIn) -> bool:
+def matches(when: When, policy: Policy, case: CaseIn, kind: Kind = None) -> bool:
     reg = policy.registry
     description = " ".join(case.description.split())
     if when.category is not None and not _field(when.category, case.category):
@@ -110,20 +116,34 @@ def matches(when: When, policy: Policy, case: CaseIn) -> bool:
         for level, units in when.location.items():
             if not _field(units, ancestry.get(level, MISSING)):
                 return False
-    if when.reported is not None and not _reported(when.reported, policy, case):
+    if when.reported is not None and not _reported(when.reported, policy, case, kind):
         return False
     if when.attributes is not None:
         for name, cond in when.attributes.items():
             if not _field(cond, case.attributes.get(name, MISSING)):
                 return False
-    return not (when.any is not None and not any(matches(w, policy, case) for w in when.any))
+    return not (when.any is not None
+                and not any(matches(w, policy, case, kind) for w in when.any))
 
 
 def reference_route(policy: Policy, tables: list[Any], default: Any, case: CaseIn) -> RefDecision:
-    """Decide as docs/rule-files.md says, table by table, rule by rule."""
+    """Decide as docs/rule-files.md says, table by table, rule by rule. On a day without
+    holiday data: the decision every kind of day would give, or the error "calendar"
+    when they differ."""
+    cal = policy.calendar
+    if case.reported_at is None or cal.covers(case.reported_at.astimezone(cal.timezone).date()):
+        return _route(policy, tables, default, case, None)
+    each = [_route(policy, tables, default, case, kind) for kind in DAY_KINDS]
+    if any(d != each[0] for d in each):
+        return RefDecision([], "", [], "", "", [], [], error="calendar")
+    return each[0]
+
+
+def _route(policy: Policy, tables: list[Any], default: Any, case: CaseIn,
+           kind: Kind) -> RefDecision:
     hits: list[tuple[str, Any]] = []
     for table in tables:
-        matched = [r for r in table.rules if r.enabled and matches(r.when, policy, case)]
+        matched = [r for r in table.rules if r.enabled and matches(r.when, policy, case, kind)]
         if table.hit == "first":
             matched = matched[:1]
         elif table.hit == "unique" and len(matched) > 1:

@@ -98,6 +98,7 @@ TIMES = [
     datetime(2026, 10, 1, 10, 0, tzinfo=SH),  # National Day
     datetime(2026, 9, 27, 10, 0, tzinfo=SH),  # a Sunday
     datetime(2026, 2, 14, 11, 0, tzinfo=SH),  # make-up Saturday before Spring Festival
+    datetime(2031, 5, 6, 20, 0, tzinfo=SH),  # no holiday data: decided only if it cannot matter
 ]
 
 # --- regexes the engine can express (Python syntax, search semantics) -------------------

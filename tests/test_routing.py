@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import tempfile
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 
 from gridflow import CaseValidationError, DefinitionError, Engine, RoutingError, load_policy
+from gridflow.errors import CalendarRangeError
 from gridflow.policy import Policy
 from gridflow.schema import CaseIn, PolicyFile
 from tests import strategies as gs
@@ -45,7 +47,16 @@ def test_durable_rules_path_equals_reference(
                 with pytest.raises(RoutingError):
                     compiled.route(raw)
                 continue
-            got = compiled.route(raw)
+            if want.error == "calendar":
+                with pytest.raises(CalendarRangeError):
+                    compiled.router.route(raw, with_due=False)
+                continue
+            try:
+                got = compiled.route(raw)
+                dated = True
+            except CalendarRangeError:  # the deadline falls where the calendar has no data
+                assert not compiled.calendar.covers(case.reported_at.date())  # type: ignore
+                got, dated = compiled.router.route(raw, with_due=False), False
             assert [(h.table, h.rule) for h in got.hits] == want.hits, raw
             assert (got.lead, got.tier, got.rule) == (want.lead, want.tier, want.rule)
             assert got.assist == want.assist
@@ -54,7 +65,7 @@ def test_durable_rules_path_equals_reference(
             assert got.default == (want.rule == "default")
             assert got.policy_version == compiled.version
             # without the trace: the same decision, hits without what their conditions saw
-            untraced = compiled.router.route(raw, trace=False)
+            untraced = compiled.router.route(raw, trace=False, with_due=dated)
             assert untraced == replace(got, hits=[replace(h, conditions=[]) for h in got.hits])
             # what the engine keeps of it: the JSON form, same keys in the same order
             kept = Engine._decision_data(got, "2026-01-05T09:00:00+00:00")
@@ -114,6 +125,51 @@ def mini(tmp_path_factory: pytest.TempPathFactory) -> Policy:
         },
     }
     return _load(content, tmp_path_factory.mktemp("mini"))
+
+
+@pytest.mark.parametrize(
+    ("case", "routed"),
+    [
+        # the after-hours rule cannot match a normal case: routed without holiday data
+        ({"urgency": "normal"}, "garbage"),
+        # an urgent case hits it or not depending on data the calendar lacks: refused
+        ({"urgency": "urgent"}, None),
+        # a category no calendar-testing rule can match is never in question
+        ({"category": "E04-06", "urgency": "urgent"}, "sidewalk"),
+    ],
+)
+def test_rules_on_working_time_are_not_guessed_without_holiday_data(
+    tmp_path: Path, case: dict[str, Any], routed: str | None
+) -> None:
+    content = {
+        "policy": {"name": "after-hours"},
+        "organisation": gs.ORGANISATION, "departments": gs.DEPARTMENTS,
+        "categories": gs.CATEGORIES, "attributes": gs.ATTRIBUTES,
+        "routing": {"default": {"lead": "centre", "time_limit": "6h"}, "tables": [
+            {"id": "main", "hit": "first", "rules": [
+                {"id": "after-hours", "when": {"category": "E01-10", "urgency": "urgent",
+                                               "reported": {"working_hours": False}},
+                 "then": {"lead": "centre", "time_limit": "6h"}},
+                {"id": "garbage", "when": {"category": "E01-10"},
+                 "then": {"lead": "sanitation", "time_limit": "6h"}},
+                {"id": "sidewalk", "when": {"category": "E04-06"},
+                 "then": {"lead": "grid-team", "time_limit": "6h"}},
+            ]},
+        ]},
+    }
+    policy = _load(content, tmp_path)
+    doc = {"category": "E01-10", "location": "g1",
+           "reported_at": "2031-05-06T20:00:00+08:00", **case}
+    assert not policy.calendar.covers(datetime(2031, 5, 6).date())
+    if routed is None:
+        with pytest.raises(CalendarRangeError, match="no holiday data for 2031-05-06"):
+            policy.route(doc)
+    else:
+        assert policy.route(doc).rule == routed
+    # in a covered year the rule is decided by the calendar (20:00 is after hours)
+    covered = policy.route({**doc, "reported_at": "2026-05-06T20:00:00+08:00"})
+    assert covered.rule == ("after-hours" if case.get("urgency") == "urgent"
+                            and doc["category"] == "E01-10" else routed)
 
 
 def test_decision_carries_trace_deadline_and_version(mini: Policy) -> None:
