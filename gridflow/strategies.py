@@ -1,6 +1,7 @@
 """Hypothesis strategies for harnesses: valid cases and case-log records for a policy.
 
-Needs ``hypothesis`` (a test dependency; gridflow itself does not import this module).
+Needs ``hypothesis`` (``pip install 'gridflow[testing]'``; gridflow itself does not
+import this module).
 
     from hypothesis import given
     from gridflow.strategies import cases
@@ -22,7 +23,12 @@ from __future__ import annotations
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from hypothesis import strategies as st
+try:
+    from hypothesis import strategies as st
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "gridflow.strategies needs hypothesis: pip install 'gridflow[testing]'"
+    ) from exc
 
 from gridflow.conditions import DESCRIPTION, tests_of
 from gridflow.importer import LogRecord
