@@ -13,7 +13,7 @@ from typing import Any
 
 from gridflow.conditions import AllOf, AnyOf, Cond, Predicate
 
-__all__ = ["dnf", "may_overlap", "shadows"]
+__all__ = ["dnf", "may_overlap", "may_overlap_by_text", "shadows"]
 
 MAX_TERMS = 32
 Term = tuple[Predicate, ...]
@@ -166,6 +166,22 @@ def may_overlap(a: Cond, b: Cond) -> bool:
         if any(t.op == "regex" for t in term):
             continue
         if _term_satisfiable(term):
+            return True
+    return False
+
+
+def may_overlap_by_text(a: Cond, b: Cond) -> bool:
+    """True when two conditions that :func:`may_overlap` cannot show to overlap would, if
+    their regex tests matched the same description (undecided here: warn, not refuse)."""
+    a_terms = dnf(a)
+    b_terms = dnf(b)
+    if a_terms is None or b_terms is None:
+        return False
+    for ta, tb in itertools.product(a_terms, b_terms):
+        term = ta + tb
+        if any(t.op == "regex" for t in term) and _term_satisfiable(
+            tuple(t for t in term if t.op != "regex")
+        ):
             return True
     return False
 

@@ -875,6 +875,18 @@ class _Builder:
                         f"policy 'unique' in table '{table_id}'",
                         severity=self.lint_severity,
                     )
+                elif hit == "unique" and analysis.may_overlap_by_text(earlier.cond, later.cond):
+                    located, path = locs[j]
+                    self.err(
+                        located,
+                        (*path, "id"),
+                        f"rules '{earlier.rule_id}' ({earlier.source}) and "
+                        f"'{later.rule_id}' both match a case whose description matches "
+                        f"both their regexes (hit policy 'unique' in table '{table_id}'): "
+                        "such a case fails to route; make the regexes exclusive or use "
+                        "hit: first",
+                        severity="warning",
+                    )
             if scope is None:
                 wild.append(j)
             else:

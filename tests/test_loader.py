@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from gridflow.errors import DefinitionError, Problem
+from gridflow.errors import DefinitionError, Problem, RoutingError
 from gridflow.loader import load_policy
 
 MINI = Path(__file__).parent / "policies" / "mini"
@@ -475,6 +475,28 @@ def test_gaps_without_a_default_route(
     # partly routed categories are lints: warnings when the load is not strict
     policy = load_policy(root, today=TODAY, strict=False)
     assert sorted(w.message.split("'")[1] for w in policy.warnings) == sorted(gaps)
+
+
+def test_unique_rules_whose_regexes_may_both_match_get_a_warning(tmp_path: Path) -> None:
+    """Whether two regexes can match one text is not decided at load: a warning names
+    the pair, and a case matching both is refused when routed."""
+    table = ("  tables:\n    - id: noise\n      hit: unique\n      rules:\n"
+             "        - {id: noise-a, when: {category: E01-10, description: {regex: 垃圾}}, "
+             "then: {lead: centre}}\n"
+             "        - {id: noise-b, when: {category: E01-10, description: {regex: 暴露}}, "
+             "then: {lead: sanitation}}\n"
+             "        - {id: noise-c, when: {category: E01-11, description: {regex: 暴露}}, "
+             "then: {lead: sanitation}}\n")
+    root = make_policy(tmp_path / "p", (("routing.yaml", "  tables:\n", table),))
+    policy = load_policy(root, today=TODAY)  # strict: still loads (a warning, not a lint)
+    pairs = [w for w in policy.warnings if "regexes" in w.message]
+    assert len(pairs) == 1  # noise-c tests another category: no overlap possible
+    assert "'noise-a'" in pairs[0].message and "'noise-b'" in pairs[0].message
+    assert (pairs[0].line, pairs[0].col) == position(root / "routing.yaml", "noise-b")
+    assert policy.route({"category": "E01-10", "location": "g1",
+                         "description": "暴露"}).lead == "sanitation"
+    with pytest.raises(RoutingError, match="noise-a, noise-b"):
+        policy.route({"category": "E01-10", "location": "g1", "description": "暴露垃圾"})
 
 
 def test_the_mini_fixture_itself_is_valid() -> None:
