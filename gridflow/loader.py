@@ -1026,6 +1026,35 @@ class _Builder:
             reopen_window=parse_duration(evaluation.reopen_window),
         )
 
+    def tier_reach(self, reg: Registry, rules: list[list[RouteRule]], path: dict[str, str]) -> None:
+        """Warn about tiers no case can ever be at: no department sits there, no route
+        names it and the escalation path leads there from none of those."""
+        found = {d.tier for d in reg.departments.values()}
+        found |= {r.outcome.tier for table in rules for r in table if r.outcome.tier}
+        default = self.singletons.get("routing.default")
+        if default is not None and typing.cast(Outcome, default[1]).tier:
+            found.add(typing.cast(str, typing.cast(Outcome, default[1]).tier))
+        todo, reached = list(found), set()
+        while todo:
+            tier = todo.pop()
+            if tier not in reached:
+                reached.add(tier)
+                if tier in path:
+                    todo.append(path[tier])
+        org_loc, org = self.singletons["organisation"]
+        for i, tier in enumerate(reg.tiers):
+            if tier not in reached:
+                where: YPath = (
+                    ("organisation", "tiers", i) if typing.cast(Organisation, org).tiers
+                    else ("organisation",)
+                )
+                self.err(
+                    org_loc, where,
+                    f"tier '{tier}' is unreachable: no department is at it, no route names "
+                    "it and the escalation path never leads to it",
+                    severity="warning",
+                )
+
     # rule tests --------------------------------------------------------------------------
 
     def tests(self, reg: Registry) -> list[LoadedTest]:
@@ -1097,6 +1126,9 @@ def load_policy(
     builder.gaps(reg, rules)
     tests = builder.tests(reg)
     lifecycle = builder.lifecycle(reg)
+    if lifecycle is not None and not any(p.severity == "error" for p in builder.problems):
+        # (a misspelt tier elsewhere would make the real one look unreachable)
+        builder.tier_reach(reg, rules, dict(lifecycle.escalation_path))
     errors = [p for p in builder.problems if p.severity == "error"]
     if errors or cal is None or lifecycle is None:
         raise DefinitionError(builder.problems)

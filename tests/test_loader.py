@@ -499,6 +499,37 @@ def test_unique_rules_whose_regexes_may_both_match_get_a_warning(tmp_path: Path)
         policy.route({"category": "E01-10", "location": "g1", "description": "暴露垃圾"})
 
 
+@pytest.mark.parametrize(
+    ("extra", "unreachable"),
+    [
+        # the default chain of tiers reaches every one above a department
+        ({}, []),
+        # a tier above the district that nothing names and no path leads to
+        ({"organisation.yaml": None, "escalation.yaml":
+          "escalation:\n  path: {grid: community, community: street, street: district}\n"},
+         ["city"]),
+        # the path leads there: reachable
+        ({"organisation.yaml": None, "escalation.yaml":
+          "escalation:\n  path: {grid: community, community: street, street: district, "
+          "district: city}\n"}, []),
+    ],
+)
+def test_unreachable_tiers_are_warned_about(
+    tmp_path: Path, extra: dict[str, str | None], unreachable: list[str]
+) -> None:
+    edits = ()
+    if "organisation.yaml" in extra:
+        edits = (("organisation.yaml", "  levels:\n",
+                  "  tiers: [grid, community, street, district, city]\n  levels:\n"),)
+    files = {k: v for k, v in extra.items() if v is not None}
+    root = make_policy(tmp_path / "p", edits, files)
+    policy = load_policy(root, today=TODAY)
+    found = [w for w in policy.warnings if "unreachable" in w.message]
+    assert [w.message.split("'")[1] for w in found] == unreachable
+    for w in found:
+        assert (w.line, w.col) == position(root / "organisation.yaml", "city")
+
+
 def test_the_mini_fixture_itself_is_valid() -> None:
     policy = load_policy(MINI, today=TODAY)
     assert policy.name == "mini"
