@@ -155,35 +155,27 @@ def _term_satisfiable(term: Term) -> bool:
     return all(_field_satisfiable(ts) for ts in by_field.values())
 
 
-def may_overlap(a: Cond, b: Cond) -> bool:
-    """True when some case certainly can satisfy both (decidable part only)."""
+def _joint_terms(a: Cond, b: Cond) -> list[Term]:
+    """The conjunctions a case satisfying both must satisfy one of (none when too large)."""
     a_terms = dnf(a)
     b_terms = dnf(b)
     if a_terms is None or b_terms is None:
-        return False
-    for ta, tb in itertools.product(a_terms, b_terms):
-        term = ta + tb
-        if any(t.op == "regex" for t in term):
-            continue
-        if _term_satisfiable(term):
-            return True
-    return False
+        return []
+    return [ta + tb for ta, tb in itertools.product(a_terms, b_terms)]
+
+
+def may_overlap(a: Cond, b: Cond) -> bool:
+    """True when some case certainly can satisfy both (decidable part only)."""
+    return any(not any(t.op == "regex" for t in term) and _term_satisfiable(term)
+               for term in _joint_terms(a, b))
 
 
 def may_overlap_by_text(a: Cond, b: Cond) -> bool:
     """True when two conditions that :func:`may_overlap` cannot show to overlap would, if
     their regex tests matched the same description (undecided here: warn, not refuse)."""
-    a_terms = dnf(a)
-    b_terms = dnf(b)
-    if a_terms is None or b_terms is None:
-        return False
-    for ta, tb in itertools.product(a_terms, b_terms):
-        term = ta + tb
-        if any(t.op == "regex" for t in term) and _term_satisfiable(
-            tuple(t for t in term if t.op != "regex")
-        ):
-            return True
-    return False
+    return any(any(t.op == "regex" for t in term)
+               and _term_satisfiable(tuple(t for t in term if t.op != "regex"))
+               for term in _joint_terms(a, b))
 
 
 def always(cond: Cond) -> bool:

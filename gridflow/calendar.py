@@ -328,13 +328,14 @@ class BusinessCalendar:
                 return (last - day).days + 1
         return 0
 
-    def _range_error(self, day: date) -> CalendarRangeError:
+    def range_error(self, day: date) -> CalendarRangeError:
+        """The error for a day outside the holiday data (naming what is covered)."""
         return CalendarRangeError(day, covered=self.covered_description)
 
     def _check(self, d: date, name: str = "day") -> date:
         day = _as_date(d, name)
         if day.year not in self._covered:
-            raise self._range_error(day)
+            raise self.range_error(day)
         return day
 
     # -- day-level facts --------------------------------------------------------
@@ -394,7 +395,7 @@ class BusinessCalendar:
         rest = target - index * day_us  # in (0, day_us]: ends at a period end, never after
         workdays = segment.workdays
         if index >= len(workdays):
-            raise self._range_error(date.fromordinal(segment.last + 1))
+            raise self.range_error(date.fromordinal(segment.last + 1))
         for a, b in self._periods_us:
             if rest <= b - a:
                 tod = a + rest
@@ -417,7 +418,7 @@ class BusinessCalendar:
         seg_a, pos_a = self._position(a)
         seg_b, pos_b = self._position(b)
         if seg_a is not seg_b:
-            raise self._range_error(date.fromordinal(seg_a.last + 1))
+            raise self.range_error(date.fromordinal(seg_a.last + 1))
         return (pos_b - pos_a) / _US_PER_HOUR
 
     def _add_wall_clock(self, start: datetime, duration: Duration) -> datetime:
@@ -461,7 +462,7 @@ class BusinessCalendar:
                 if segment is None:
                     segment = self._segments[i] = self._build_segment(first, last)
                 return segment
-        raise self._range_error(date.fromordinal(ordinal))
+        raise self.range_error(date.fromordinal(ordinal))
 
     def _build_segment(self, start: int, stop: int) -> _Segment:
         holidays = {d.toordinal() for d in self._holidays}

@@ -478,10 +478,11 @@ def _compare_summary(cmp_doc: Mapping[str, Any]) -> None:
             _out.print(table)
         else:
             _out.print("  no indicator moves", markup=False)
-    cases = (lc or cr)["cases"]
+    section = lc or cr
+    cases = section["cases"]
     if cases:
         table = Table(title=f"changed cases (first {min(len(cases), 10)} of "
-                            f"{(lc or cr)['changed'].get('any', 0):,}; all in --json/--html)")
+                            f"{section['changed'].get('any', 0):,}; all in --json/--html)")
         for col in ("row", "case", "changed", "before", "after"):
             table.add_column(col)
         for c in cases[:10]:

@@ -9,7 +9,8 @@ message with its location; the parts are also available as attributes.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,7 @@ __all__ = [
     "TransitionNotAllowed",
     "WorkflowDefinitionError",
     "suggest",
+    "suggest_choice",
 ]
 
 
@@ -35,6 +37,16 @@ def suggest(name: str, candidates: Iterable[str], *, cutoff: float = 0.75) -> st
     """The candidate closest to ``name`` when it is close enough to be a likely typo."""
     matches = difflib.get_close_matches(name, list(candidates), n=1, cutoff=cutoff)
     return matches[0] if matches else None
+
+
+def suggest_choice(err: Mapping[str, Any]) -> str | None:
+    """For a pydantic error on a value outside a fixed set of choices (``hit: uniqe``),
+    the allowed value closest to the one given."""
+    expected = (err.get("ctx") or {}).get("expected")
+    if (err.get("type") in ("literal_error", "enum") and isinstance(err.get("input"), str)
+            and isinstance(expected, str)):
+        return suggest(err["input"], re.findall(r"'([^']*)'", expected))
+    return None
 
 
 @dataclass(frozen=True, order=True)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import types
 import typing
 from collections.abc import Callable, Iterable
@@ -30,7 +29,7 @@ from gridflow.compiler import (
     check_regex,
 )
 from gridflow.conditions import CATEGORY, LowerContext, Predicate, lower_when
-from gridflow.errors import CaseValidationError, DefinitionError, Problem, suggest
+from gridflow.errors import CaseValidationError, DefinitionError, Problem, suggest, suggest_choice
 from gridflow.policy import Lifecycle
 from gridflow.registry import DEFAULT_CHANNELS, CategoryInfo, DepartmentInfo, Registry, UnitInfo
 from gridflow.routing import Router, RouteRule, validate_case
@@ -200,21 +199,10 @@ def _schema_problems(located: Located, exc: ValidationError, prefix: YPath = ())
             if msg not in messages:
                 messages.append(msg)
         where = ".".join(str(x) for x in p) or "file"
+        hint = next(filter(None, map(suggest_choice, errs)), None)
         problems.append(located.problem(p, f"{where}: " + " or ".join(messages[:3]),
-                                        suggestion=_choice_hint(errs)))
+                                        suggestion=hint))
     return problems
-
-
-def _choice_hint(errs: list[dict[str, Any]]) -> str | None:
-    """The allowed value closest to a mistyped one (``hit: uniqe`` → 'unique')."""
-    for e in errs:
-        expected = (e.get("ctx") or {}).get("expected")
-        if e["type"] in ("literal_error", "enum") and isinstance(e.get("input"), str) \
-                and isinstance(expected, str):
-            hint = suggest(e["input"], re.findall(r"'([^']*)'", expected))
-            if hint is not None:
-                return hint
-    return None
 
 
 _ITEM_MODELS: dict[str, type[BaseModel]] = {
@@ -865,28 +853,24 @@ class _Builder:
                         severity=self.lint_severity,
                     )
                     break
-                if hit == "unique" and analysis.may_overlap(earlier.cond, later.cond):
-                    located, path = locs[j]
-                    self.err(
-                        located,
-                        (*path, "id"),
-                        f"rules '{earlier.rule_id}' ({earlier.source}) and "
-                        f"'{later.rule_id}' can both match the same case under hit "
-                        f"policy 'unique' in table '{table_id}'",
-                        severity=self.lint_severity,
-                    )
-                elif hit == "unique" and analysis.may_overlap_by_text(earlier.cond, later.cond):
-                    located, path = locs[j]
-                    self.err(
-                        located,
-                        (*path, "id"),
-                        f"rules '{earlier.rule_id}' ({earlier.source}) and "
-                        f"'{later.rule_id}' both match a case whose description matches "
-                        f"both their regexes (hit policy 'unique' in table '{table_id}'): "
-                        "such a case fails to route; make the regexes exclusive or use "
-                        "hit: first",
-                        severity="warning",
-                    )
+                if hit != "unique":
+                    continue
+                pair = (f"rules '{earlier.rule_id}' ({earlier.source}) and "
+                        f"'{later.rule_id}'")
+                if analysis.may_overlap(earlier.cond, later.cond):
+                    message, severity = (
+                        f"{pair} can both match the same case under hit policy 'unique' in "
+                        f"table '{table_id}'", self.lint_severity)
+                elif analysis.may_overlap_by_text(earlier.cond, later.cond):
+                    message, severity = (
+                        f"{pair} both match a case whose description matches both their "
+                        f"regexes (hit policy 'unique' in table '{table_id}'): such a case "
+                        "fails to route; make the regexes exclusive or use hit: first",
+                        "warning")
+                else:
+                    continue
+                located, path = locs[j]
+                self.err(located, (*path, "id"), message, severity=severity)
             if scope is None:
                 wild.append(j)
             else:
@@ -1029,12 +1013,12 @@ class _Builder:
     def tier_reach(self, reg: Registry, rules: list[list[RouteRule]], path: dict[str, str]) -> None:
         """Warn about tiers no case can ever be at: no department sits there, no route
         names it and the escalation path leads there from none of those."""
-        found = {d.tier for d in reg.departments.values()}
+        found: set[str | None] = {d.tier for d in reg.departments.values()}
         found |= {r.outcome.tier for table in rules for r in table if r.outcome.tier}
         default = self.singletons.get("routing.default")
-        if default is not None and typing.cast(Outcome, default[1]).tier:
-            found.add(typing.cast(str, typing.cast(Outcome, default[1]).tier))
-        todo, reached = list(found), set()
+        if default is not None:
+            found.add(typing.cast(Outcome, default[1]).tier)
+        todo, reached = [t for t in found if t], set()
         while todo:
             tier = todo.pop()
             if tier not in reached:

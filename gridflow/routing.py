@@ -26,7 +26,7 @@ from gridflow.conditions import (
     level_field,
     tests_of,
 )
-from gridflow.errors import CalendarRangeError, CaseValidationError, FieldError, suggest
+from gridflow.errors import CaseValidationError, FieldError, suggest, suggest_choice
 from gridflow.registry import Registry
 from gridflow.schema import CaseIn, Outcome
 
@@ -149,10 +149,8 @@ def _pydantic_errors(exc: ValidationError) -> list[FieldError]:
             msg = "required field missing"
         elif err["type"] == "extra_forbidden":
             msg = "unknown field"
-        elif err["type"] in ("literal_error", "enum") and isinstance(err.get("input"), str):
-            expected = str((err.get("ctx") or {}).get("expected", ""))
-            hint = suggest(err["input"], re.findall(r"'([^']*)'", expected))
-            msg += f" (did you mean '{hint}'?)" if hint else ""
+        elif hint := suggest_choice(err):
+            msg += f" (did you mean '{hint}'?)"
         out.append(FieldError(loc, msg))
     return out
 
@@ -379,8 +377,7 @@ class Router:
             if found is None:
                 found = hits
             elif hits != found:
-                day = reported.astimezone(self.calendar.timezone).date()
-                raise CalendarRangeError(day, covered=self.calendar.covered_description)
+                raise self.calendar.range_error(reported.astimezone(self.calendar.timezone).date())
         assert found is not None
         return found
 
