@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from gridflow.errors import suggest
-from gridflow.schema import Match, When, WhenTime
+from gridflow.history import HISTORY_FIELDS, HistorySpec, window_of
+from gridflow.schema import Match, When, WhenHistory, WhenTime
 
 __all__ = [
     "AllOf",
@@ -297,6 +298,8 @@ class _Lowerer:
         if when.attributes is not None:
             for name, cond in when.attributes.items():
                 add(self.attribute(name, cond, (*path, "attributes", name)))
+        if when.history is not None:
+            add(self.history(when.history, (*path, "history")))
         if when.any is not None:
             branches = [self.when(w, (*path, "any", i)) for i, w in enumerate(when.any)]
             if not branches:
@@ -342,6 +345,18 @@ class _Lowerer:
         if not parts:
             return None
         return parts[0] if len(parts) == 1 else AllOf(tuple(parts))
+
+    def history(self, h: WhenHistory, path: tuple[str | int, ...]) -> Cond | None:
+        try:
+            window = window_of(h.within)
+        except ValueError as exc:
+            self.report((*path, "within"), str(exc), None)
+            return None
+        if len(set(h.same)) != len(h.same):
+            self.report((*path, "same"), "a field is listed twice", None)
+            return None
+        spec = HistorySpec(tuple(f for f in HISTORY_FIELDS if f in h.same), window)
+        return Predicate(spec.field, "gte", h.at_least, spec.label())
 
     def attribute(self, name: str, cond: Any, path: tuple[str | int, ...]) -> Cond | None:
         kind = self.ctx.attributes.get(name)

@@ -182,6 +182,24 @@ def _criteria(kind: str, criteria: str | Iterable[str] | None) -> list[str] | No
     return [c for c in CRITERIA if c in chosen]
 
 
+class _StoreHistory:
+    """The store's cases as the history routing counts (``history`` conditions)."""
+
+    __slots__ = ("_tx",)
+
+    def __init__(self, tx: StoreTx):
+        self._tx = tx
+
+    def count(
+        self, same: Sequence[str], values: Sequence[str], since: datetime, before: datetime
+    ) -> int:
+        return self._tx.count_reported(dict(zip(same, values, strict=True)), since, before)
+
+
+def _history(policy: Policy, tx: StoreTx) -> _StoreHistory | None:
+    return _StoreHistory(tx) if policy.router.history_specs else None
+
+
 @dataclass(slots=True)
 class _Ctx:
     """What a command's effect sees (everything is already loaded and checked)."""
@@ -569,7 +587,10 @@ class Engine:
             case_id = self._ids()
             if not isinstance(case_id, str) or not case_id or len(case_id) > 64:
                 raise ValueError(f"the id factory returned an invalid case id: {case_id!r}")
-        reported_at = case_in.reported_at or now
+        if case_in.reported_at is None:  # reported now: routing's time conditions read it
+            case_in = case_in.model_copy(update={"reported_at": now})
+        reported_at = case_in.reported_at
+        assert reported_at is not None
         events = [
             self._event(
                 "reported", actor, now, None,
@@ -584,7 +605,12 @@ class Engine:
             )
         ]
         if on_spot:
-            decision = policy.router.route(case_in, trace=False)
+            if policy.router.history_specs:
+                with self._transaction(readonly=True) as tx:
+                    decision = policy.router.route(case_in, trace=False,
+                                                   history=_StoreHistory(tx))
+            else:
+                decision = policy.router.route(case_in, trace=False)
             reg = policy.registry
             lead, tier = decision.lead, decision.tier
             if actor.department is not None and actor.department in reg.departments:
@@ -682,7 +708,7 @@ class Engine:
             policy, reg = c.policy, c.policy.registry
             decision = policy.router.route(self._case_in(c.record.case_id, c.proj["case"]),
                                            exclude=c.proj["excluded"], with_due=False,
-                                           trace=False)
+                                           trace=False, history=_history(policy, c.tx))
             lead, tier, unit, pool = decision.lead, decision.tier, decision.unit, decision.pool
             payload: dict[str, Any] = {}
             location = c.proj["location"]

@@ -76,6 +76,7 @@ class LoadedTest:
     source: str
     case: Any  # CaseIn
     expect: Any  # Expectation
+    earlier: tuple[Any, ...] = ()  # CaseIn: the history the case is routed with
 
 
 # --- reading and schema validation --------------------------------------------------------
@@ -1049,19 +1050,26 @@ class _Builder:
                 if t is None:
                     continue
                 line, _ = located.where(path)
-                try:
-                    case = validate_case(reg, t.case)
-                except CaseValidationError as exc:
-                    for fe in exc.errors:
-                        parts = tuple(fe.field.split(".")) if fe.field != "case" else ()
-                        self.err(
-                            located,
-                            (*path, "case", *parts),
-                            f"test '{t.name}': {fe.field}: {fe.message}",
-                        )
+                cases, bad = [], False
+                for where, data in [(("case",), t.case),
+                                    *((("earlier", k), c) for k, c in enumerate(t.earlier))]:
+                    try:
+                        cases.append(validate_case(reg, data))
+                    except CaseValidationError as exc:
+                        bad = True
+                        label = "" if len(where) == 1 else f"earlier[{where[1]}]: "
+                        for fe in exc.errors:
+                            parts = tuple(fe.field.split(".")) if fe.field != "case" else ()
+                            self.err(
+                                located,
+                                (*path, *where, *parts),
+                                f"test '{t.name}': {label}{fe.field}: {fe.message}",
+                            )
+                if bad:
                     continue
                 self._check_expect(reg, located, t, path)
-                out.append(LoadedTest(t.name, f"{located.path}:{line}", case, t.expect))
+                out.append(LoadedTest(t.name, f"{located.path}:{line}", cases[0], t.expect,
+                                      tuple(cases[1:])))
         return out
 
     def _check_expect(self, reg: Registry, located: Located, t: RuleTest, path: YPath) -> None:

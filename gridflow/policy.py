@@ -10,6 +10,7 @@ from typing import Any
 
 from gridflow.calendar import BusinessCalendar, Duration, parse_duration
 from gridflow.errors import Problem
+from gridflow.history import CaseHistory, History
 from gridflow.registry import Registry
 from gridflow.routing import Decision, Router
 from gridflow.schema import CaseIn, ScoringSpec
@@ -78,9 +79,16 @@ class Policy:
     def validate_case(self, data: CaseIn | Mapping[str, Any]) -> CaseIn:
         return self.router.validate(data)
 
-    def route(self, case: CaseIn | Mapping[str, Any], *, exclude: Sequence[str] = ()) -> Decision:
-        """Route one case (a dict as in docs/cases.md, or a validated :class:`CaseIn`)."""
-        return self.router.route(case, exclude=exclude)
+    def route(
+        self,
+        case: CaseIn | Mapping[str, Any],
+        *,
+        exclude: Sequence[str] = (),
+        history: CaseHistory | None = None,
+    ) -> Decision:
+        """Route one case (a dict as in docs/cases.md, or a validated :class:`CaseIn`).
+        ``history``: the earlier cases that ``history`` conditions count."""
+        return self.router.route(case, exclude=exclude, history=history)
 
     def run_tests(self) -> list[RuleTestResult]:
         """Run the rule tests written beside the rules."""
@@ -89,7 +97,7 @@ class Policy:
             failures: list[str] = []
             decision: Decision | None = None
             try:
-                decision = self.route(t.case)
+                decision = self.route(t.case, history=History(t.earlier))
             except Exception as exc:  # a test reports, it does not crash the run
                 failures.append(f"routing raised {type(exc).__name__}: {exc}")
             if decision is not None:

@@ -44,6 +44,7 @@ from gridflow.compiler import category_scope
 from gridflow.conditions import CATEGORY, CHANNEL, DESCRIPTION, TIME_FIELDS, tests_of
 from gridflow.engine import SUPERVISED_STATES, Actor, CaseView, Engine
 from gridflow.errors import CalendarRangeError, GridflowError, GridflowRuntimeError
+from gridflow.history import History, HistorySpec
 from gridflow.importer import ImportReport, LogReader, LogRecord
 from gridflow.indicators import Indicators, Tally, composite_centi, scoring_spec
 from gridflow.policy import Policy
@@ -133,6 +134,7 @@ class _Seen:
     attrs: tuple[str, ...]
     time: tuple[str, ...]  # the local-time fields tested (t_hour, t_working, ...)
     description: bool  # the description itself is tested (not only by text tests)
+    history: bool  # a history condition is tested
 
 
 class _Relevance:
@@ -180,6 +182,7 @@ class _Relevance:
             attrs=tuple(sorted(f[2:] for f in fields if f.startswith("a_"))),
             time=tuple(sorted(fields & time_fields)),
             description=DESCRIPTION in fields,
+            history=any(HistorySpec.of_field(f) is not None for f in fields),
         )
         return found
 
@@ -189,9 +192,11 @@ class RouteMemo:
 
     ``route(case)`` validates the case against the policy (memoised by the fields that
     validation reads), builds the key — category, location, urgency, the fields the
-    conditions test, the local-time fields when a condition tests one, and the truth
-    vector of the text tests on the description — and routes the first case of a key
-    with :meth:`Policy.route`. Errors are never memoised.
+    conditions test, the local-time fields when a condition tests one, the truth
+    vector of the text tests on the description, and the counts of the history
+    conditions — and routes the first case of a key with :meth:`Policy.route`. Errors
+    are never memoised. History conditions count the cases routed before (valid ones,
+    routed or not: an engine would have stored them), so feed a log in time order.
     """
 
     def __init__(self, policy: Policy, *, max_entries: int = 500_000):
@@ -206,6 +211,8 @@ class RouteMemo:
         self._shared: dict[str, Decision] = {}
         self._valid: dict[tuple[Any, ...], bool] = {}
         self._due_ok: dict[tuple[Any, str], bool] = {}
+        specs = policy.router.history_specs
+        self.history = History(only={s.same for s in specs}) if specs else None
         self.hits = 0
         self.misses = 0
 
@@ -261,6 +268,9 @@ class RouteMemo:
         elif seen.texts:
             text = normalise_description(case.description)
             parts.append(tuple([bool(test(text)) for _f, test in seen.texts]))
+        if seen.history:
+            counts = self.policy.router.history_counts(case, self.history)
+            parts.append(tuple(sorted(counts.items())))
         return tuple(parts)
 
     def _validate(self, case: CaseIn) -> None:
@@ -310,9 +320,11 @@ class RouteMemo:
     def route(self, case: CaseIn) -> Routed:
         self._validate(case)
         key = self.key(case)
+        if self.history is not None:
+            self.history.add(case)  # after its own counts: it is history for later cases
         template = self._memo.get(key)
         if template is None:
-            template = self._template(self.policy.route(case))
+            template = self._template(self.policy.route(case, history=self.history))
             if len(self._memo) >= self.max_entries:
                 self._memo.clear()
                 self._shared.clear()
@@ -1171,7 +1183,8 @@ def replay(
     SQLite; the compared policy always runs in memory). ``progress`` is called with the
     number of records read, every 1,000 records. ``jobs`` > 1 runs each life-cycle
     replay over that many worker processes (:mod:`gridflow.shards`; same report; ``store``
-    must then not hold any of the log's case ids).
+    must then not hold any of the log's case ids) — except for a policy with history
+    conditions, whose counts need every case in one store: it runs in this process.
     """
     from gridflow.shards import ShardedLifecycleReplay  # builds on this module
 
@@ -1195,7 +1208,7 @@ def replay(
             (lambda o: cmp_cases.offer(o.case_id, o.row, side, o.to_dict()))
             if cmp_cases is not None else None
         )
-        if jobs > 1:
+        if jobs > 1 and not p.router.history_specs:  # history counts need every case
             return ShardedLifecycleReplay(p, into, jobs=jobs, until=until, on_outcome=outcome)
         return LifecycleReplay(p, into, until=until, on_outcome=outcome)
 

@@ -26,7 +26,14 @@ from gridflow.conditions import (
     level_field,
     tests_of,
 )
-from gridflow.errors import CaseValidationError, FieldError, suggest, suggest_choice
+from gridflow.errors import (
+    CaseValidationError,
+    FieldError,
+    RoutingError,
+    suggest,
+    suggest_choice,
+)
+from gridflow.history import CaseHistory, HistorySpec
 from gridflow.registry import Registry
 from gridflow.schema import CaseIn, Outcome
 
@@ -310,6 +317,15 @@ class Router:
         self._trace_shapes: dict[int, list[tuple[str, str, tuple[str, ...]]]] = {}
         self._combined: dict[tuple[Any, ...], Any] = {}
         self._calendar_tests: dict[str, bool] = {}
+        self._history_tests: dict[str, tuple[HistorySpec, ...]] = {}
+        specs: dict[HistorySpec, None] = {}
+        for table in self.rules:
+            for rule in table:
+                for t in tests_of(rule.cond):
+                    if (spec := HistorySpec.of_field(t.field)) is not None:
+                        specs[spec] = None
+        #: the distinct history conditions of the policy (what a history must count)
+        self.history_specs: tuple[HistorySpec, ...] = tuple(specs)
 
     def validate(self, data: CaseIn | Mapping[str, Any], *, source: str | None = None) -> CaseIn:
         return validate_case(self.registry, data, source=source)
@@ -325,6 +341,7 @@ class Router:
         source: str | None = None,
         with_due: bool = True,
         trace: bool = True,
+        history: CaseHistory | None = None,
     ) -> Decision:
         """Decide lead/assist/tier/deadline for a case.
 
@@ -334,9 +351,13 @@ class Router:
         from the dispatch, not from the report, and saves the calendar arithmetic.
         ``trace=False`` leaves out what each hit's conditions saw (``hits[i].conditions``
         is empty), for callers that keep only the matched rules.
+        ``history`` counts the earlier cases for ``history`` conditions (an engine passes
+        its store's; ``None``: no earlier case is known).
         """
         case = self.validate(data, source=source)
         fact = self.fact(case)
+        if self.history_specs:
+            fact.update(self.history_counts(case, history))
         if (case.reported_at is not None and _WORKDAY not in fact
                 and self._tests_calendar(case.category)):
             per_table = self._without_holiday_data(case.reported_at, fact)
@@ -349,6 +370,39 @@ class Router:
                 if rule.outcome.lead not in exclude:
                     hits.append(rule)
         return self._decide(case, fact, hits, with_due, trace)
+
+    def _history_specs(self, category: str) -> tuple[HistorySpec, ...]:
+        """The history conditions of the rules that can match ``category``."""
+        found = self._history_tests.get(category)
+        if found is None:
+            codes = sorted(self.registry.categories)
+            specs: dict[HistorySpec, None] = {}
+            for table in self.rules:
+                for rule in table:
+                    scope = category_scope(rule.cond, codes)
+                    if scope is None or category in scope:
+                        for t in tests_of(rule.cond):
+                            if (spec := HistorySpec.of_field(t.field)) is not None:
+                                specs[spec] = None
+            found = self._history_tests[category] = tuple(specs)
+        return found
+
+    def history_counts(self, case: CaseIn, history: CaseHistory | None) -> dict[str, int]:
+        """The fact fields of the history conditions that can apply to ``case``: the
+        cases counted, this one included (``history=None``: no earlier case is known, the
+        count is 1). A case without ``reported_at`` (or without a compared field, e.g. no
+        address) gets none, so such conditions do not hold."""
+        wanted = self._history_specs(case.category)
+        if not wanted or case.reported_at is None:
+            return {}
+        out: dict[str, int] = {}
+        for spec in wanted:
+            values = spec.values(case)
+            if values is not None:
+                before = case.reported_at
+                out[spec.field] = 1 + (0 if history is None else history.count(
+                    spec.same, values, before - spec.window, before))
+        return out
 
     def _tests_calendar(self, category: str) -> bool:
         """Whether a rule that can match ``category`` tests a field that needs the
@@ -391,8 +445,6 @@ class Router:
         default = not hits
         if default:
             if self.default is None:
-                from gridflow.errors import RoutingError
-
                 raise RoutingError(
                     f"no rule matched category {case.category} and the policy declares no "
                     "default route"

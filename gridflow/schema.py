@@ -231,6 +231,25 @@ class WhenTime(Strict):
     )
 
 
+HistoryField = Literal["category", "location", "address", "reporter"]
+
+
+def _same_category_and_address() -> list[HistoryField]:
+    return ["category", "address"]
+
+
+class WhenHistory(Strict):
+    """At least ``at_least`` cases (this one included) reported ``within`` the time
+    before it that share its ``same`` fields."""
+
+    same: list[HistoryField] = Field(
+        default_factory=_same_category_and_address, min_length=1,
+        description="case fields the earlier cases share with this one",
+    )
+    within: DurationText = Field(description="calendar time before the report: 30d, 72h")
+    at_least: StrictInt = Field(ge=2, description="cases counted, this one included")
+
+
 class When(Strict):
     """All present conditions must hold (AND); ``any`` holds when one branch holds."""
 
@@ -245,6 +264,7 @@ class When(Strict):
     )
     reported: WhenTime | None = None
     attributes: dict[AttrName, FieldCond] | None = None
+    history: WhenHistory | None = None
     any: list[When] | None = None
 
 
@@ -303,8 +323,8 @@ class CaseIn(BaseModel):
     channel: str = "patrol"
     urgency: Urgency | None = None
     reported_at: AwareDatetime | None = None
-    reporter: str | None = None
-    address: str | None = None
+    reporter: Annotated[str, StringConstraints(max_length=128)] | None = None
+    address: Annotated[str, StringConstraints(max_length=255)] | None = None
     attributes: dict[str, Scalar] = Field(default_factory=dict)
 
 
@@ -327,6 +347,9 @@ class Expectation(Strict):
 class RuleTest(Strict):
     name: str
     case: dict[str, Any]
+    earlier: list[dict[str, Any]] = Field(
+        default_factory=list, description="cases reported before it (for history conditions)"
+    )
     expect: Expectation
 
 

@@ -243,6 +243,11 @@ class ShardedLifecycleReplay(_Counted):
     ):
         if not isinstance(jobs, int) or jobs < 1:
             raise ValueError("jobs must be a positive integer")
+        if policy.router.history_specs:
+            raise ValueError(
+                "the policy has history conditions: they count every case of the log, "
+                "which a sharded replay splits over its workers (use LifecycleReplay)"
+            )
         self.policy = policy
         self.store = store
         self.until = until

@@ -15,7 +15,7 @@ LAYERS = {
     "errors": 0, "clock": 0, "events": 0,
     "calendar": 1, "yamlsrc": 1,
     "schema": 2, "registry": 2,
-    "conditions": 3, "analysis": 4, "compiler": 4, "workflow": 4,
+    "conditions": 3, "history": 3, "analysis": 4, "compiler": 4, "workflow": 4,
     "routing": 5, "scoring": 5,
     "policy": 6, "loader": 7, "handle": 7, "projection": 7, "store": 7,
     "engine": 8, "indicators": 9, "importer": 9, "generate": 9,

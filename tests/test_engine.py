@@ -650,3 +650,23 @@ def test_a_view_reads_every_field_from_its_projection() -> None:
     assert view == CaseView(**{f.name: getattr(view, f.name) for f in dataclasses.fields(view)})
     with pytest.raises(AttributeError):
         view.nothing  # type: ignore[attr-defined]  # noqa: B018
+
+
+@pytest.mark.parametrize("given_time", [True, False], ids=["reported_at given", "clock time"])
+def test_a_case_reported_without_a_time_is_routed_on_the_clocks(
+    engine: Engine, clock: ManualClock, given_time: bool
+) -> None:
+    """Routing's time conditions read the report time, also when the clock supplied it
+    (the Wujin after-hours rule: urgent matters after hours get the street duty office)."""
+    night = datetime(2026, 3, 10, 21, 30, tzinfo=CST)  # a Tuesday, after working hours
+    clock.set(night)
+    data: dict[str, Any] = {"category": "E01-10", "location": "qdj-g3", "urgency": "urgent",
+                            "description": "垃圾堆在路口"}
+    if given_time:
+        data["reported_at"] = night.isoformat()
+    view = engine.report(data, GRID_WORKER)
+    assert view.data["case"]["reported_at"] == night.isoformat()
+    engine.file(view.id, CLERK)
+    decision = engine.dispatch(view.id, DISPATCHER).data["decision"]
+    assert "非工作时间" in decision["tags"]
+    assert "after-hours-urgent" in decision["matched"]

@@ -3,11 +3,12 @@ schema is exactly what the models describe (no drift)."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -233,6 +234,47 @@ def test_upgrade_keeps_scoring_tables_refresh_created_before(empty_db: EmptyData
         assert upgrade(engine, prefix="old_", schema=empty_db.schema) == HEAD
         assert drift(engine, models("old_", empty_db.schema), "old_", empty_db.schema) == []
         _score_one_case(store, "OLD-1")
+    finally:
+        engine.dispose()
+
+
+def test_upgrade_fills_the_history_columns_of_stored_cases(empty_db: EmptyDatabase) -> None:
+    """0003 adds the intake columns history conditions count by and fills them from each
+    stored case's projection (an over-long value stays NULL, as the store writes it)."""
+    engine = make_engine(empty_db.url)
+    try:
+        assert upgrade(engine, prefix="hist_", schema=empty_db.schema, revision="0002") == "0002"
+        cases = sa.Table("hist_cases", sa.MetaData(schema=empty_db.schema), autoload_with=engine)
+        as_json = isinstance(cases.c.data.type, sa.JSON)
+        rows = [
+            ("H-1", {"address": "湖塘镇1号", "reporter": "张三", "location": "g1"}),
+            ("H-2", {"location": "g2"}),
+            ("H-3", {"address": "很长" * 200, "location": "g1"}),
+        ]
+        with engine.begin() as conn:
+            for case_id, case in rows:
+                data = {"case": {"category": "E01-10", **case}}
+                conn.execute(sa.insert(cases).values(
+                    case_id=case_id, version=1, state="reported", category="E01-10",
+                    # in UTC: a reflected DATETIME column drops the offset
+                    reported_at=T0.astimezone(UTC), updated_at=T0.astimezone(UTC),
+                    data=data if as_json else json.dumps(data, ensure_ascii=False),
+                ))
+        assert upgrade(engine, prefix="hist_", schema=empty_db.schema) == HEAD
+        assert drift(engine, models("hist_", empty_db.schema), "hist_", empty_db.schema) == []
+        after = sa.Table("hist_cases", sa.MetaData(schema=empty_db.schema), autoload_with=engine)
+        with engine.connect() as conn:
+            got = conn.execute(sa.select(after.c.case_id, after.c.location, after.c.address,
+                                         after.c.reporter).order_by(after.c.case_id)).all()
+        assert [tuple(r) for r in got] == [
+            ("H-1", "g1", "湖塘镇1号", "张三"),
+            ("H-2", "g2", None, None),
+            ("H-3", "g1", None, None),
+        ]
+        store = Store(engine, table_prefix="hist_", schema=empty_db.schema)
+        with store.transaction(readonly=True) as tx:
+            assert tx.count_reported({"location": "g1"}, T0 - timedelta(days=1),
+                                     T0 + timedelta(seconds=1)) == 2
     finally:
         engine.dispose()
 

@@ -65,10 +65,14 @@ from gridflow.store.statements import (
     SqliteFast,
     Statements,
     encode_json,
+    intake_values,
     time_to_sqlite,
     unstorable,
 )
 from gridflow.store.tables import MAX_LENGTHS, build_tables
+
+#: the columns :meth:`StoreTx.count_reported` compares
+HISTORY_COLUMNS = frozenset({"category", "location", "address", "reporter"})
 
 __all__ = ["IdempotencyConflict", "Store", "StoreTx", "TransactionConflict", "make_engine"]
 
@@ -766,6 +770,22 @@ class StoreTx:
         )
         return [_case_from_row(r) for r in self._conn.execute(stmt)]
 
+    def count_reported(
+        self, same: Mapping[str, str], since: datetime, before: datetime
+    ) -> int:
+        """How many cases were reported in ``[since, before)`` with the ``same`` values
+        (keys: ``category``, ``location``, ``address``, ``reporter``) — what history
+        conditions count."""
+        c = self._t.cases
+        stmt = sa.select(sa.func.count()).select_from(c).where(
+            c.c.reported_at >= since, c.c.reported_at < before
+        )
+        for name, value in same.items():
+            if name not in HISTORY_COLUMNS:
+                raise ValueError(f"history cannot compare {name!r}")
+            stmt = stmt.where(c.c[name] == value)
+        return int(self._conn.execute(stmt).scalar_one())
+
     def _cases_query(
         self,
         *,
@@ -1003,6 +1023,7 @@ class StoreTx:
             "policy_version": record.policy_version,
             "data": record.data,
             "updated_at": updated_at,
+            **intake_values(record.data),
         }
 
     def _execute_write(self, stmt: Any, params: Any) -> sa.CursorResult[Any]:

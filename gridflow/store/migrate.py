@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 #: The newest migration (``create_all`` stamps databases it creates with it).
-HEAD = "0002"
+HEAD = "0003"
 #: Where the Alembic environment and the version scripts live.
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 

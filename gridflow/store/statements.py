@@ -25,16 +25,19 @@ from sqlalchemy.exc import DBAPIError
 
 from gridflow.errors import CaseValidationError, FieldError
 from gridflow.store.records import CaseRecord, TimerRecord
-from gridflow.store.tables import StoreTables, UTCDateTime
+from gridflow.store.tables import MAX_LENGTHS, StoreTables, UTCDateTime
 
 __all__ = [
     "CASE_FIELDS",
+    "CASE_INSERT_FIELDS",
     "CASE_SCALARS",
     "EVENT_COLUMNS",
+    "INTAKE_FIELDS",
     "SqliteFast",
     "Statements",
     "decode_json",
     "encode_json",
+    "intake_values",
     "time_to_sqlite",
     "unstorable",
 ]
@@ -59,6 +62,25 @@ CASE_FIELDS = (  # the order of CaseRecord's fields
     "policy_version",
     "updated_at",
 )
+# The case's intake fields that history conditions compare: written with the report (from
+# the projection's ``case``), never changed; not part of CaseRecord.
+INTAKE_FIELDS = ("location", "address", "reporter")
+CASE_INSERT_FIELDS = CASE_FIELDS + INTAKE_FIELDS
+
+
+def intake_values(data: Mapping[str, Any]) -> dict[str, str | None]:
+    """The intake columns of a projection (``None`` where a value is missing, or longer
+    than its column: such a case is not counted by history conditions on that field)."""
+    case = data.get("case")
+    case = case if isinstance(case, Mapping) else {}
+    out: dict[str, str | None] = {}
+    for name in INTAKE_FIELDS:
+        value = case.get(name)
+        ok = isinstance(value, str) and value and len(value) <= MAX_LENGTHS[name]
+        out[name] = value if ok else None
+    return out
+
+
 # Columns an append may leave alone when they did not change (SQLite then rewrites no index
 # entry for them); version, data and updated_at are always written.
 CASE_SCALARS = tuple(
@@ -339,7 +361,8 @@ class SqliteFast:
         self.dialect = dialect
         self.select_case = Compiled(stmts.select_case, dialect, None)
         self.select_version = Compiled(stmts.select_version, dialect, None)
-        self.insert_case = Compiled(stmts.insert_case_sqlite, dialect, CASE_FIELDS, ("data",))
+        self.insert_case = Compiled(stmts.insert_case_sqlite, dialect, CASE_INSERT_FIELDS,
+                                    ("data",))
         self.insert_event = Compiled(sa.insert(t.events), dialect, EVENT_COLUMNS)
         # append builds the event rows' arguments itself, in this order
         assert self.insert_event.names == EVENT_COLUMNS, self.insert_event.names

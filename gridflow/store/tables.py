@@ -44,6 +44,9 @@ MAX_LENGTHS: dict[str, int] = {
     "actor_id": 128,
     "actor_role": 64,
     "kind": 32,
+    "location": 64,
+    "address": 255,
+    "reporter": 128,
 }
 
 NAMING_CONVENTION: dict[str, str] = {
@@ -168,6 +171,10 @@ def build_tables(table_prefix: str = "gf_", schema: str | None = None) -> StoreT
         sa.Column("policy_version", _s("policy_version")),
         sa.Column("data", sa.JSON, nullable=False),
         sa.Column("updated_at", UTCDateTime(), nullable=False),
+        # the intake fields history conditions compare (written once, with the report)
+        sa.Column("location", _s("location")),
+        sa.Column("address", _s("address")),
+        sa.Column("reporter", _s("reporter")),
         **_MYSQL_TABLE_KW,
     )
     # Every index is paid for by every write that changes one of its columns (on SQLite
@@ -190,6 +197,12 @@ def build_tables(table_prefix: str = "gf_", schema: str | None = None) -> StoreT
     sa.Index(
         None, cases.c.closed_at, cases.c.due_at,
         **_partial(sa.and_(cases.c.closed_at.is_(None), cases.c.due_at.is_not(None))),
+    )
+    # * history conditions count the cases reported in a window, by time, or by address
+    #   and time (the usual "same address within 30 days").
+    sa.Index(None, cases.c.reported_at)
+    sa.Index(
+        None, cases.c.address, cases.c.reported_at, **_partial(cases.c.address.is_not(None))
     )
     events = sa.Table(
         f"{p}events",

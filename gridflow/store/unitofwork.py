@@ -35,7 +35,7 @@ raises :class:`BatchAborted`.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -49,8 +49,10 @@ from gridflow.errors import (
     GridflowError,
     GridflowRuntimeError,
 )
+from gridflow.history import History
 from gridflow.store.core import IdempotencyConflict, Store, StoreTx
 from gridflow.store.records import CaseRecord, EventRecord, NewEvent, TimerRecord
+from gridflow.store.statements import intake_values
 
 __all__ = ["BatchAborted", "UnitOfWork"]
 
@@ -135,6 +137,7 @@ class UnitOfWork:
         self._tx: StoreTx | None = None
         self._entries: dict[str, _Entry] = {}
         self._dirty: dict[str, _Entry] = {}  # entries with buffered writes, in write order
+        self._pending: History | None = None  # the new cases in _dirty, by history fields
         self._keys: dict[str, str] = {}  # idempotency key → case id, for buffered new cases
         self._journal: dict[str, _Saved | None] | None = None  # open block: case → before
         self._claimed = False  # the open block claimed timers in the database
@@ -184,6 +187,7 @@ class UnitOfWork:
             ) from None
         if journal is not None:
             self._undo(journal)
+            self._pending = None
 
     def _done(self) -> None:
         self._journal = None
@@ -236,6 +240,7 @@ class UnitOfWork:
         dirty, self._dirty = self._dirty, {}
         if not dirty:
             return
+        self._pending = None
         try:
             self._write(dirty)
         except BaseException as exc:
@@ -298,6 +303,7 @@ class UnitOfWork:
             self._reset()
 
     def _reset(self) -> None:
+        self._pending = None
         self._entries.clear()
         self._dirty.clear()
         self._keys.clear()
@@ -373,6 +379,7 @@ class UnitOfWork:
             self._keys[key] = record.case_id
         self._commands += 1
         self._block_events.append((record.case_id, events))
+        self._remember_new(record)
         return self._records(record.case_id, 0, events)
 
     def _may_exist(self, case_id: str) -> bool:
@@ -497,6 +504,27 @@ class UnitOfWork:
     def history(self, case_id: str) -> list[EventRecord]:
         self.flush()
         return self._db().history(case_id)
+
+    def count_reported(
+        self, same: Mapping[str, str], since: datetime, before: datetime
+    ) -> int:
+        """:meth:`StoreTx.count_reported`: the store's count plus the new cases of the
+        working set not written yet."""
+        pending = self._pending
+        if pending is None:  # rebuilt after a flush or an undone block
+            pending = self._pending = History()
+            for entry in self._dirty.values():
+                if entry.new:
+                    self._remember_new(entry.record)
+        return self._db().count_reported(same, since, before) + pending.count(
+            list(same), list(same.values()), since, before
+        )
+
+    def _remember_new(self, record: CaseRecord) -> None:
+        if self._pending is not None and record.reported_at is not None:
+            self._pending.add_fields(
+                record.reported_at, {"category": record.category, **intake_values(record.data)}
+            )
 
     def query_cases(self, **kwargs: Any) -> list[CaseRecord]:
         self.flush()

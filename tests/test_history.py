@@ -1,0 +1,346 @@
+"""History conditions (BRIEF §5: "≥3 cases of the same category at the same address
+within 30 days"): the rule-file syntax, the counts routing reads from an in-memory
+history, from the store (every backend, inside and outside a batch) and from a log."""
+
+from __future__ import annotations
+
+import shutil
+import textwrap
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gridflow import Actor, Engine, load_policy
+from gridflow.clock import ManualClock
+from gridflow.conditions import describe
+from gridflow.errors import DefinitionError
+from gridflow.history import History, HistorySpec, window_of
+from gridflow.importer import LogRecord
+from gridflow.policy import Policy
+from gridflow.replay import LifecycleReplay, RouteMemo, replay, replay_routing
+from gridflow.schema import CaseIn
+from gridflow.shards import ShardedLifecycleReplay
+from gridflow.store import Store
+
+MINI = Path(__file__).resolve().parent / "policies" / "mini"
+SH = ZoneInfo("Asia/Shanghai")
+T = datetime(2026, 3, 16, 10, 0, tzinfo=SH)
+HISTORY_RULE = """\
+routing:
+  tables:
+    - id: repeat
+      hit: first
+      rules:
+        - id: same-address-thrice
+          description: 30 日内同一地址同类问题第 3 次反映：指挥中心督办
+          when:
+            category: {prefix: E01}
+            history: {same: [category, address], within: 30d, at_least: 3}
+          then: {lead: centre, tags: [重复投诉]}
+"""
+REPORTER = Actor("gw-1", "grid_worker")
+DISPATCHER = Actor("disp-1", "dispatcher")
+CLERK = Actor("clerk-1", "clerk")
+
+
+def _policy_dir(tmp: Path, extra: str = HISTORY_RULE, name: str = "a-history.yaml") -> Path:
+    root = tmp / "p"
+    shutil.copytree(MINI, root)
+    (root / name).write_text(extra, "utf-8")
+    return root
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory: pytest.TempPathFactory) -> Policy:
+    return load_policy(_policy_dir(tmp_path_factory.mktemp("history")))
+
+
+ADDRESS = "常州市武进区湖塘镇1号"
+
+
+def case(policy: Policy, at: datetime, *, category: str = "E01-10",
+         address: str | None = ADDRESS, location: str = "g1",
+         reporter: str | None = None) -> CaseIn:
+    data: dict[str, Any] = {"category": category, "location": location, "description": "垃圾",
+                            "reported_at": at.isoformat()}
+    if address is not None:
+        data["address"] = address
+    if reporter is not None:
+        data["reporter"] = reporter
+    return policy.validate_case(data)
+
+
+# ------------------------------------------------------------------------ rule files
+
+
+def test_history_condition_lowers_to_a_count_test(policy: Policy) -> None:
+    assert policy.router.history_specs == (
+        HistorySpec(("category", "address"), timedelta(days=30)),
+    )
+    rule = policy.router.rules[0][0]
+    assert "history(same category+address, within 30d) gte 3" in describe(rule.cond)
+
+
+@pytest.mark.parametrize(
+    ("history", "message", "suggestion"),
+    [
+        ("{within: 2wd, at_least: 3}", "a history window counts calendar time", None),
+        ("{same: [adress], within: 30d, at_least: 3}", "Input should be", "address"),
+        ("{within: 30d, at_least: 1}", "greater than or equal to 2", None),
+        ("{same: [address, address], within: 30d, at_least: 3}", "a field is listed twice",
+         None),
+        ("{within: 30d}", "at_least", None),
+    ],
+)
+def test_bad_history_conditions_are_reported_at_their_place(
+    tmp_path: Path, history: str, message: str, suggestion: str | None
+) -> None:
+    text = HISTORY_RULE.replace("{same: [category, address], within: 30d, at_least: 3}", history)
+    root = _policy_dir(tmp_path, text)
+    with pytest.raises(DefinitionError) as err:
+        load_policy(root)
+    found = [p for p in err.value.problems if message in p.message]
+    assert found, str(err.value)
+    assert found[0].path.endswith("a-history.yaml") and found[0].line == 10
+    if suggestion is not None:
+        assert suggestion in str(err.value)
+
+
+def test_window_counts_calendar_time_only() -> None:
+    assert window_of("30d") == timedelta(days=30)
+    assert window_of("72h") == timedelta(hours=72)
+    with pytest.raises(ValueError, match="calendar time"):
+        window_of("4wh")
+
+
+# --------------------------------------------------------------- routing with counts
+
+
+@pytest.mark.parametrize(
+    ("earlier", "lead"),
+    [
+        pytest.param([], "sanitation", id="first report"),
+        pytest.param([{"days": 3}], "sanitation", id="second report"),
+        pytest.param([{"days": 3}, {"days": 20}], "centre", id="third within 30 days"),
+        pytest.param([{"days": 3}, {"days": 30}], "centre", id="window start is included"),
+        pytest.param([{"days": 3}, {"days": 31}], "sanitation", id="31 days ago is outside"),
+        pytest.param([{"days": 3}, {"days": 0}], "sanitation", id="same instant is not earlier"),
+        pytest.param([{"days": 3}, {"days": 5, "address": "湖塘镇2号"}], "sanitation",
+                     id="other address"),
+        pytest.param([{"days": 3}, {"days": 5, "category": "E01-11"}], "sanitation",
+                     id="other category"),
+        pytest.param([{"days": 3}, {"days": 5, "location": "g3"}], "centre",
+                     id="other grid, same address"),
+        pytest.param([{"days": 3}, {"days": 5, "address": None}], "sanitation",
+                     id="earlier case without address"),
+        pytest.param([{"days": -1}, {"days": 5}], "sanitation", id="later case not counted"),
+    ],
+)
+def test_history_counts_decide_the_route(
+    policy: Policy, earlier: list[dict[str, Any]], lead: str
+) -> None:
+    past = [case(policy, T - timedelta(days=e.pop("days")), **e) for e in map(dict, earlier)]
+    decision = policy.route(case(policy, T), history=History(past))
+    assert decision.lead == lead
+    assert ("重复投诉" in decision.tags) == (lead == "centre")
+
+
+def test_without_a_history_only_the_case_itself_counts(policy: Policy) -> None:
+    decision = policy.route(case(policy, T))
+    assert decision.lead == "sanitation"
+    seen = policy.route(case(policy, T), history=History([case(policy, T - timedelta(days=1))] * 2))
+    hit = seen.hits[0]
+    assert hit.rule == "same-address-thrice"
+    assert any("history" in c.condition and c.seen == 3 for c in hit.conditions)
+
+
+def test_a_case_without_address_never_matches_same_address(policy: Policy) -> None:
+    past = [case(policy, T - timedelta(days=d)) for d in (1, 2, 3)]
+    assert policy.route(case(policy, T, address=None), history=History(past)).lead == "sanitation"
+
+
+def test_rule_tests_route_with_their_earlier_cases(tmp_path: Path) -> None:
+    tests = textwrap.dedent("""\
+        tests:
+          - name: 第三次反映
+            case: {category: E01-10, location: g1, description: 垃圾, address: 湖塘镇1号,
+                   reported_at: "2026-03-16T10:00:00+08:00"}
+            earlier:
+              - {category: E01-10, location: g2, address: 湖塘镇1号,
+                 reported_at: "2026-03-01T10:00:00+08:00"}
+              - {category: E01-10, location: g1, address: 湖塘镇1号,
+                 reported_at: "2026-03-10T10:00:00+08:00"}
+            expect: {lead: centre, rule: same-address-thrice}
+          - name: 第二次反映
+            case: {category: E01-10, location: g1, description: 垃圾, address: 湖塘镇1号,
+                   reported_at: "2026-03-16T10:00:00+08:00"}
+            earlier:
+              - {category: E01-10, location: g1, address: 湖塘镇1号,
+                 reported_at: "2026-03-10T10:00:00+08:00"}
+            expect: {lead: sanitation}
+        """)
+    root = _policy_dir(tmp_path)
+    (root / "z-history-tests.yaml").write_text(tests, "utf-8")
+    results = {r.name: r for r in load_policy(root).run_tests()}
+    assert results["第三次反映"].passed, results["第三次反映"].failures
+    assert results["第二次反映"].passed, results["第二次反映"].failures
+
+
+def test_a_bad_earlier_case_is_reported_at_its_field(tmp_path: Path) -> None:
+    tests = textwrap.dedent("""\
+        tests:
+          - name: 坏的历史
+            case: {category: E01-10, location: g1}
+            earlier:
+              - {category: E01-10, location: g9}
+            expect: {lead: centre}
+        """)
+    root = _policy_dir(tmp_path)
+    (root / "z-history-tests.yaml").write_text(tests, "utf-8")
+    with pytest.raises(DefinitionError) as err:
+        load_policy(root)
+    assert "z-history-tests.yaml:5:" in str(err.value)
+    assert "test '坏的历史': earlier[0]: location: unknown unit 'g9'" in str(err.value)
+
+
+# ---------------------------------------------------------------- in-memory history
+
+
+_ADDRESSES = st.sampled_from(["1号", "2号", None])
+_CATS = st.sampled_from(["E01-10", "E01-11"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    past=st.lists(st.tuples(st.integers(0, 60 * 24 * 45), _CATS, _ADDRESSES), max_size=25),
+    window_h=st.integers(1, 24 * 40),
+    only=st.booleans(),
+)
+def test_history_counts_what_a_plain_filter_counts(
+    past: list[tuple[int, str, str | None]], window_h: int, only: bool
+) -> None:
+    cases = [CaseIn(category=c, location="g1", address=a,
+                    reported_at=T - timedelta(minutes=m)) for m, c, a in past]
+    same = ("category", "address")
+    history = History(cases, only=[same] if only else None)
+    since = T - timedelta(hours=window_h)
+    for cat in ("E01-10", "E01-11"):
+        for addr in ("1号", "2号"):
+            want = sum(1 for x in cases if x.category == cat and x.address == addr
+                       and x.reported_at is not None and since <= x.reported_at < T)
+            assert history.count(same, (cat, addr), since, T) == want
+    assert len(history) == len(cases)
+    if only:
+        with pytest.raises(ValueError, match="no counts by address"):
+            history.count(("address",), ("1号",), since, T)
+
+
+# ------------------------------------------------------------------ engine and store
+
+
+def _engine(policy: Policy, store: Store) -> tuple[Engine, ManualClock]:
+    clock = ManualClock(T - timedelta(days=40))
+    return Engine(policy, store, clock), clock
+
+
+def _report_and_dispatch(engine: Engine, clock: ManualClock, policy: Policy,
+                         at: datetime, **kw: Any) -> str:
+    clock.set(at)
+    view = engine.report(case(policy, at, **kw), REPORTER)
+    engine.file(view.id, CLERK)
+    return engine.dispatch(view.id, DISPATCHER).lead or ""
+
+
+def test_the_engine_counts_in_its_store(policy: Policy, store: Store) -> None:
+    engine, clock = _engine(policy, store)
+    leads = [_report_and_dispatch(engine, clock, policy, T - timedelta(days=d))
+             for d in (35, 10, 2, 1)]
+    # 35 days ago is outside the window of the third: the third counts 2, the fourth 3
+    assert leads == ["sanitation", "sanitation", "sanitation", "centre"]
+    with store.transaction(readonly=True) as tx:
+        assert tx.count_reported({"category": "E01-10", "address": ADDRESS},
+                                 T - timedelta(days=30), T) == 3
+        assert tx.count_reported({"address": ADDRESS, "location": "g1"},
+                                 T - timedelta(days=40), T) == 4
+        assert tx.count_reported({"reporter": "nobody"}, T - timedelta(days=40), T) == 0
+        with pytest.raises(ValueError, match="cannot compare"):
+            tx.count_reported({"description": "x"}, T - timedelta(days=40), T)
+
+
+@pytest.mark.parametrize("size", [1, 3, 1000])
+def test_a_batch_counts_what_it_has_not_written_yet(policy: Policy, size: int) -> None:
+    store = Store(outbox=False)
+    store.create_all()
+    engine, clock = _engine(policy, store)
+    leads = []
+    with engine.batch(size=size):
+        for d in (10, 3, 2, 1):
+            leads.append(_report_and_dispatch(engine, clock, policy, T - timedelta(days=d)))
+    assert leads == ["sanitation", "sanitation", "centre", "centre"]
+
+
+def test_on_the_spot_resolution_routes_with_the_store_history(policy: Policy) -> None:
+    store = Store(outbox=False)
+    store.create_all()
+    engine, clock = _engine(policy, store)
+    for d in (3, 2):
+        _report_and_dispatch(engine, clock, policy, T - timedelta(days=d))
+    clock.set(T)
+    view = engine.report(case(policy, T), Actor("gw-1", "grid_worker"), on_spot=True,
+                         evidence=["https://example.org/1.jpg"])
+    assert view.data["decision"]["rule"] == "same-address-thrice"
+
+
+# --------------------------------------------------------------------------- replays
+
+
+def _records(policy: Policy) -> list[LogRecord]:
+    times = [T - timedelta(days=d) for d in (12, 9, 5, 4, 1)]
+    hour = timedelta(hours=1)
+    out = [LogRecord(i + 2, case(policy, t).model_copy(update={"id": f"c{i}"}),
+                     dispatched_at=t + hour) for i, t in enumerate(times)]
+    out.append(LogRecord(9, case(policy, T, address="别处").model_copy(update={"id": "c9"}),
+                         dispatched_at=T + hour))
+    return out
+
+
+def test_routing_replay_counts_the_logs_earlier_rows(policy: Policy) -> None:
+    leads: list[str] = []
+    stats = replay_routing(policy, _records(policy),
+                           on_case=lambda _r, routed: leads.append(routed.lead))
+    assert leads == ["sanitation", "sanitation", "centre", "centre", "centre", "sanitation"]
+    assert stats.cases == 6
+    # a fresh memo: routing a case alone counts only itself
+    assert RouteMemo(policy).route(_records(policy)[4].case).lead == "sanitation"
+
+
+def test_lifecycle_replay_routes_with_the_stores_history(policy: Policy) -> None:
+    leads = {}
+    run = LifecycleReplay(policy, on_outcome=lambda o: leads.__setitem__(o.case_id, o.lead))
+    with run:
+        for rec in _records(policy):
+            run.feed(rec)
+    assert [leads[f"c{i}"] for i in (0, 1, 2, 3, 4, 9)] == [
+        "sanitation", "sanitation", "centre", "centre", "centre", "sanitation"]
+
+
+def test_a_sharded_replay_refuses_history_and_replay_runs_it_in_one_process(
+    policy: Policy,
+) -> None:
+    with pytest.raises(ValueError, match="history conditions"):
+        ShardedLifecycleReplay(policy, None, jobs=2)
+    one = replay(policy, _records(policy), mode="lifecycle", jobs=1)
+    two = replay(policy, _records(policy), mode="lifecycle", jobs=2)
+    assert one["lifecycle"] == two["lifecycle"]
+    assert one["routing"]["by_department"]["centre"]["routed"] == 3
+    assert one["routing"]["by_rule"]["same-address-thrice"] == 3
+
+
+def test_utc_and_local_times_count_alike(policy: Policy) -> None:
+    past = [case(policy, (T - timedelta(days=d)).astimezone(UTC)) for d in (1, 2)]
+    assert policy.route(case(policy, T), history=History(past)).lead == "centre"
