@@ -24,6 +24,7 @@ from gridflow.errors import (
     WorkflowDefinitionError,
 )
 from gridflow.handle import PolicyHandle
+from gridflow.history import History
 from gridflow.loader import load_policy
 from gridflow.policy import Policy, RuleTestResult
 from gridflow.routing import Decision
@@ -47,6 +48,7 @@ __all__ = [
     "Engine",
     "GridflowError",
     "GridflowRuntimeError",
+    "History",
     "Policy",
     "PolicyHandle",
     "Problem",

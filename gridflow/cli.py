@@ -20,6 +20,7 @@ from rich.table import Table
 
 from gridflow.clock import SystemClock
 from gridflow.errors import DefinitionError, GridflowError, Problem
+from gridflow.history import History
 from gridflow.loader import load_policy
 from gridflow.policy import Policy
 from gridflow.routing import Decision
@@ -131,19 +132,25 @@ def _decision_json(d: Decision) -> dict[str, Any]:
 @click.option("--explain", is_flag=True, help="Show the matched rules and the values seen.")
 @click.option("--json", "as_json", is_flag=True, help="Print the decision(s) as JSON.")
 def route(directory: str, case_file: str, explain: bool, as_json: bool) -> None:
-    """Route a case (or a JSON list of cases); CASE.json may be '-' for stdin."""
+    """Route a case (or a JSON list of cases); CASE.json may be '-' for stdin.
+
+    History conditions count the list's cases reported before each case."""
     # stdout carries only the decisions (JSON with --json); problems go to stderr
     policy = _load(directory, report=_err)
     data = _read_json(case_file)
     cases = data if isinstance(data, list) else [data]
     decisions: list[Decision] = []
-    for i, case in enumerate(cases):
-        where = case_file if not isinstance(data, list) else f"{case_file}[{i}]"
-        try:
-            decisions.append(policy.router.route(case, source=where))
-        except GridflowError as exc:
-            _err.print(str(exc), markup=False)
-            sys.exit(1)
+    try:
+        valid = [
+            policy.router.validate(case, source=f"{case_file}[{i}]" if isinstance(data, list)
+                                   else case_file)
+            for i, case in enumerate(cases)
+        ]
+        history = History(valid) if policy.router.history_specs else None
+        decisions += [policy.router.route(case, history=history) for case in valid]
+    except GridflowError as exc:
+        _err.print(str(exc), markup=False)
+        sys.exit(1)
     if as_json:
         payload = [_decision_json(d) for d in decisions]
         click.echo(

@@ -367,3 +367,18 @@ def test_console_script_smoke() -> None:
     ok = subprocess.run([exe, "check", str(MINI)], capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.startswith("ok: mini ")
+
+
+def test_route_a_list_counts_its_earlier_cases_for_history_conditions(tmp_path: Path) -> None:
+    from tests.test_history import HISTORY_RULE, _policy_dir
+
+    root = _policy_dir(tmp_path, HISTORY_RULE)
+    at = ["2026-03-10T10:00:00+08:00", "2026-03-01T10:00:00+08:00", "2026-03-16T10:00:00+08:00"]
+    cases = [{**GARBAGE, "address": "湖塘镇1号", "reported_at": t} for t in at]
+    result = run("route", str(root), str(write_json(tmp_path, cases)), "--json")
+    assert result.exit_code == 0, result.output
+    rules = [d["rule"] for d in json.loads(result.stdout)]
+    # the list is the history, by report time (not list order): only the 16th is the third
+    assert rules == ["garbage", "garbage", "same-address-thrice"]
+    alone = run("route", str(root), str(write_json(tmp_path, cases[2])), "--json")
+    assert json.loads(alone.stdout)["rule"] == "garbage"
