@@ -344,3 +344,32 @@ def test_a_sharded_replay_refuses_history_and_replay_runs_it_in_one_process(
 def test_utc_and_local_times_count_alike(policy: Policy) -> None:
     past = [case(policy, (T - timedelta(days=d)).astimezone(UTC)) for d in (1, 2)]
     assert policy.route(case(policy, T), history=History(past)).lead == "centre"
+
+
+@settings(max_examples=25, deadline=None)
+@given(past=st.lists(st.tuples(st.integers(0, 60 * 24 * 45), _CATS, _ADDRESSES,
+                                st.sampled_from(["g1", "g2"])), max_size=20),
+       window_h=st.integers(1, 24 * 40))
+def test_the_store_counts_what_an_in_memory_history_counts(
+    policy: Policy, past: list[tuple[int, str, str | None, str]], window_h: int
+) -> None:
+    """Round trip: cases reported through an engine, counted by the store's columns, give
+    the counts of a History of the same cases, for every combination of fields."""
+    store = Store(outbox=False)
+    store.create_all()
+    engine, clock = _engine(policy, store)
+    cases = []
+    for minutes, cat, addr, loc in past:
+        at = T - timedelta(minutes=minutes)
+        clock.set(at)
+        cases.append(case(policy, at, category=cat, address=addr, location=loc))
+        engine.report(cases[-1], REPORTER)
+    history = History(cases)
+    since = T - timedelta(hours=window_h)
+    with store.transaction(readonly=True) as tx:
+        for same, values in [(("category", "address"), ("E01-10", "1号")),
+                             (("address",), ("2号",)), (("location",), ("g1",)),
+                             (("category", "location", "address"), ("E01-11", "g2", "1号"))]:
+            want = history.count(same, values, since, T)
+            assert tx.count_reported(dict(zip(same, values, strict=True)), since, T) == want
+    store.dispose()
