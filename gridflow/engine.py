@@ -182,24 +182,6 @@ def _criteria(kind: str, criteria: str | Iterable[str] | None) -> list[str] | No
     return [c for c in CRITERIA if c in chosen]
 
 
-class _StoreHistory:
-    """The store's cases as the history routing counts (``history`` conditions)."""
-
-    __slots__ = ("_tx",)
-
-    def __init__(self, tx: StoreTx):
-        self._tx = tx
-
-    def count(
-        self, same: Sequence[str], values: Sequence[str], since: datetime, before: datetime
-    ) -> int:
-        return self._tx.count_reported(dict(zip(same, values, strict=True)), since, before)
-
-
-def _history(policy: Policy, tx: StoreTx) -> _StoreHistory | None:
-    return _StoreHistory(tx) if policy.router.history_specs else None
-
-
 @dataclass(slots=True)
 class _Ctx:
     """What a command's effect sees (everything is already loaded and checked)."""
@@ -607,8 +589,7 @@ class Engine:
         if on_spot:
             if policy.router.history_specs:
                 with self._transaction(readonly=True) as tx:
-                    decision = policy.router.route(case_in, trace=False,
-                                                   history=_StoreHistory(tx))
+                    decision = policy.router.route(case_in, trace=False, history=tx)
             else:
                 decision = policy.router.route(case_in, trace=False)
             reg = policy.registry
@@ -708,7 +689,7 @@ class Engine:
             policy, reg = c.policy, c.policy.registry
             decision = policy.router.route(self._case_in(c.record.case_id, c.proj["case"]),
                                            exclude=c.proj["excluded"], with_due=False,
-                                           trace=False, history=_history(policy, c.tx))
+                                           trace=False, history=c.tx)
             lead, tier, unit, pool = decision.lead, decision.tier, decision.unit, decision.pool
             payload: dict[str, Any] = {}
             location = c.proj["location"]

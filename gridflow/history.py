@@ -84,9 +84,10 @@ def _text(window: timedelta) -> str:
 
 
 class CaseHistory(Protocol):
-    """Where routing reads the history counts from."""
+    """Where routing reads the history counts from: :class:`History`, or a store
+    transaction (``StoreTx``, a batch's ``UnitOfWork``)."""
 
-    def count(
+    def count_reported(
         self, same: Sequence[str], values: Sequence[str], since: datetime, before: datetime
     ) -> int:
         """How many other cases were reported in ``[since, before)`` with ``values`` in
@@ -138,7 +139,7 @@ class History:
         if all(isinstance(v, str) and v.strip() for v in values):
             bisect.insort(index.setdefault(values, []), at)
 
-    def count(
+    def count_reported(
         self, same: Sequence[str], values: Sequence[str], since: datetime, before: datetime
     ) -> int:
         key = tuple(same)

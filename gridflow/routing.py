@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -283,6 +283,12 @@ _DAY_KINDS = ((True, False, True), (True, False, False), (False, True, False),
               (False, False, False))
 
 
+def _history_specs(tests: Iterable[Predicate]) -> tuple[HistorySpec, ...]:
+    """The distinct history conditions among ``tests``, in order."""
+    specs = (HistorySpec.of_field(t.field) for t in tests)
+    return tuple(dict.fromkeys(s for s in specs if s is not None))
+
+
 def _pick_limit(spec: Any, urgency: str) -> str | None:
     if spec is None:
         return None
@@ -318,14 +324,8 @@ class Router:
         self._combined: dict[tuple[Any, ...], Any] = {}
         self._calendar_tests: dict[str, bool] = {}
         self._history_tests: dict[str, tuple[HistorySpec, ...]] = {}
-        specs: dict[HistorySpec, None] = {}
-        for table in self.rules:
-            for rule in table:
-                for t in tests_of(rule.cond):
-                    if (spec := HistorySpec.of_field(t.field)) is not None:
-                        specs[spec] = None
         #: the distinct history conditions of the policy (what a history must count)
-        self.history_specs: tuple[HistorySpec, ...] = tuple(specs)
+        self.history_specs = _history_specs(self._tests())
 
     def validate(self, data: CaseIn | Mapping[str, Any], *, source: str | None = None) -> CaseIn:
         return validate_case(self.registry, data, source=source)
@@ -371,20 +371,22 @@ class Router:
                     hits.append(rule)
         return self._decide(case, fact, hits, with_due, trace)
 
+    def _tests(self, category: str | None = None) -> Iterator[Predicate]:
+        """The tests of the rules (of those that can match ``category``, if given)."""
+        codes = sorted(self.registry.categories)
+        for table in self.rules:
+            for rule in table:
+                if category is not None:
+                    scope = category_scope(rule.cond, codes)
+                    if scope is not None and category not in scope:
+                        continue
+                yield from tests_of(rule.cond)
+
     def _history_specs(self, category: str) -> tuple[HistorySpec, ...]:
         """The history conditions of the rules that can match ``category``."""
         found = self._history_tests.get(category)
         if found is None:
-            codes = sorted(self.registry.categories)
-            specs: dict[HistorySpec, None] = {}
-            for table in self.rules:
-                for rule in table:
-                    scope = category_scope(rule.cond, codes)
-                    if scope is None or category in scope:
-                        for t in tests_of(rule.cond):
-                            if (spec := HistorySpec.of_field(t.field)) is not None:
-                                specs[spec] = None
-            found = self._history_tests[category] = tuple(specs)
+            found = self._history_tests[category] = _history_specs(self._tests(category))
         return found
 
     def history_counts(self, case: CaseIn, history: CaseHistory | None) -> dict[str, int]:
@@ -393,14 +395,14 @@ class Router:
         count is 1). A case without ``reported_at`` (or without a compared field, e.g. no
         address) gets none, so such conditions do not hold."""
         wanted = self._history_specs(case.category)
-        if not wanted or case.reported_at is None:
+        before = case.reported_at
+        if not wanted or before is None:
             return {}
         out: dict[str, int] = {}
         for spec in wanted:
             values = spec.values(case)
             if values is not None:
-                before = case.reported_at
-                out[spec.field] = 1 + (0 if history is None else history.count(
+                out[spec.field] = 1 + (0 if history is None else history.count_reported(
                     spec.same, values, before - spec.window, before))
         return out
 
@@ -409,13 +411,7 @@ class Router:
         calendar's holiday data (workday, holiday, working hours)."""
         found = self._calendar_tests.get(category)
         if found is None:
-            codes = sorted(self.registry.categories)
-            found = any(
-                t.field in _CALENDAR_FIELDS
-                for table in self.rules for rule in table
-                if (scope := category_scope(rule.cond, codes)) is None or category in scope
-                for t in tests_of(rule.cond)
-            )
+            found = any(t.field in _CALENDAR_FIELDS for t in self._tests(category))
             self._calendar_tests[category] = found
         return found
 

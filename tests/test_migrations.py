@@ -273,7 +273,7 @@ def test_upgrade_fills_the_history_columns_of_stored_cases(empty_db: EmptyDataba
         ]
         store = Store(engine, table_prefix="hist_", schema=empty_db.schema)
         with store.transaction(readonly=True) as tx:
-            assert tx.count_reported({"location": "g1"}, T0 - timedelta(days=1),
+            assert tx.count_reported(("location",), ("g1",), T0 - timedelta(days=1),
                                      T0 + timedelta(seconds=1)) == 2
     finally:
         engine.dispose()

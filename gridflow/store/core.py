@@ -42,6 +42,7 @@ from gridflow.errors import (
     FieldError,
     GridflowRuntimeError,
 )
+from gridflow.history import HISTORY_FIELDS
 from gridflow.store.cache import CachedCase, CaseCache
 from gridflow.store.connect import (
     Caps,
@@ -70,9 +71,6 @@ from gridflow.store.statements import (
     unstorable,
 )
 from gridflow.store.tables import MAX_LENGTHS, build_tables
-
-#: the columns :meth:`StoreTx.count_reported` compares
-HISTORY_COLUMNS = frozenset({"category", "location", "address", "reporter"})
 
 __all__ = ["IdempotencyConflict", "Store", "StoreTx", "TransactionConflict", "make_engine"]
 
@@ -771,17 +769,17 @@ class StoreTx:
         return [_case_from_row(r) for r in self._conn.execute(stmt)]
 
     def count_reported(
-        self, same: Mapping[str, str], since: datetime, before: datetime
+        self, same: Sequence[str], values: Sequence[str], since: datetime, before: datetime
     ) -> int:
-        """How many cases were reported in ``[since, before)`` with the ``same`` values
-        (keys: ``category``, ``location``, ``address``, ``reporter``) — what history
-        conditions count."""
+        """How many cases were reported in ``[since, before)`` with ``values`` in the
+        ``same`` columns (of ``HISTORY_FIELDS``) — what history conditions count (a
+        :class:`~gridflow.history.CaseHistory`)."""
         c = self._t.cases
         stmt = sa.select(sa.func.count()).select_from(c).where(
             c.c.reported_at >= since, c.c.reported_at < before
         )
-        for name, value in same.items():
-            if name not in HISTORY_COLUMNS:
+        for name, value in zip(same, values, strict=True):
+            if name not in HISTORY_FIELDS:
                 raise ValueError(f"history cannot compare {name!r}")
             stmt = stmt.where(c.c[name] == value)
         return int(self._conn.execute(stmt).scalar_one())

@@ -35,7 +35,7 @@ raises :class:`BatchAborted`.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -506,7 +506,7 @@ class UnitOfWork:
         return self._db().history(case_id)
 
     def count_reported(
-        self, same: Mapping[str, str], since: datetime, before: datetime
+        self, same: Sequence[str], values: Sequence[str], since: datetime, before: datetime
     ) -> int:
         """:meth:`StoreTx.count_reported`: the store's count plus the new cases of the
         working set not written yet."""
@@ -516,9 +516,8 @@ class UnitOfWork:
             for entry in self._dirty.values():
                 if entry.new:
                     self._remember_new(entry.record)
-        return self._db().count_reported(same, since, before) + pending.count(
-            list(same), list(same.values()), since, before
-        )
+        return (self._db().count_reported(same, values, since, before)
+                + pending.count_reported(same, values, since, before))
 
     def _remember_new(self, record: CaseRecord) -> None:
         if self._pending is not None and record.reported_at is not None:
