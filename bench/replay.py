@@ -10,8 +10,8 @@ ruleset, posted case by case, against ``gridflow.replay.replay_routing`` over th
 validated cases; every decision of the replay is checked against the raw ruleset (and a
 sample against ``Policy.route``) before the ratio is printed. Life cycle: the same
 records through one process (``LifecycleReplay`` under ``tuned_gc``, as ``gridflow
-replay`` runs it) and through ``--jobs`` worker processes
-(``ShardedLifecycleReplay``, default: one per core), each into a new file SQLite
+replay`` runs it) and through ``--jobs`` shards (``ShardedLifecycleReplay``: this
+process and worker processes; default: one per core), each into a new file SQLite
 database; the two reports must be identical. Targets: routing ≥ 5× the raw ruleset; life
 cycle ≥ 3,000 cases/s; 1M-case CSV replay ≤ 500 MB peak RSS.
 """
@@ -19,7 +19,6 @@ cycle ≥ 3,000 cases/s; 1M-case CSV replay ≤ 500 MB peak RSS.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import subprocess
 import sys
@@ -96,8 +95,8 @@ def _lifecycle_run(policy: Any, records: list[LogRecord], db: Path, jobs: int) -
     t0 = time.perf_counter()
     run: Any = (LifecycleReplay(policy, store) if jobs == 1 else
                 ShardedLifecycleReplay(policy, store, jobs=jobs))
-    # one process replays as `gridflow replay` does (the workers tune their own)
-    with tuned_gc() if jobs == 1 else contextlib.nullcontext():
+    # as `gridflow replay` runs it (the workers tune their own)
+    with tuned_gc():
         for rec in records:
             run.feed(rec)
         run.finish()
@@ -110,8 +109,8 @@ def _lifecycle_run(policy: Any, records: list[LogRecord], db: Path, jobs: int) -
 
 
 def bench_lifecycle(n_cases: int, jobs: int = 2) -> float:
-    """One process (LifecycleReplay) beside ``jobs`` worker processes
-    (ShardedLifecycleReplay, what ``gridflow replay --jobs`` runs), same records, both
+    """One process (LifecycleReplay) beside ``jobs`` shards (ShardedLifecycleReplay, what
+    ``gridflow replay --jobs`` runs: this process and worker processes), same records, both
     into a new file SQLite database, counting every case stored; same report checked."""
     policy = gridflow.load_policy(WUJIN)
     with tempfile.TemporaryDirectory() as tmp:
@@ -129,7 +128,7 @@ def bench_lifecycle(n_cases: int, jobs: int = 2) -> float:
         print(f"  {n_cases:,} cases ({events:,} events), import {n_cases / import_s:,.0f} rows/s; "
               f"completion {ind['completion_rate']:.4%}, on time {ind['on_time_rate']:.2%}")
         print(f"  one process:      {n_cases / one_s:>7,.0f} cases/s ({one_s:.2f} s)")
-        print(f"  {jobs} worker processes: {n_cases / many_s:>7,.0f} cases/s ({many_s:.2f} s, "
+        print(f"  {jobs} shards:           {n_cases / many_s:>7,.0f} cases/s ({many_s:.2f} s, "
               f"incl. start-up and gathering the shards; ×{one_s / many_s:.2f}); same report")
         return n_cases / many_s
 
@@ -193,7 +192,7 @@ def main() -> None:
     ap.add_argument("--routing-cases", type=int, default=50_000)
     ap.add_argument("--lifecycle-cases", type=int, default=20_000)
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2,
-                    help="worker processes of the sharded life-cycle replay")
+                    help="shards (processes) of the sharded life-cycle replay")
     ap.add_argument("--million", action="store_true", help="also the 1M-case CSV (RSS)")
     args = ap.parse_args()
     print("routing replay vs raw durable_rules (same rules, same cases, one run)")

@@ -1004,6 +1004,14 @@ class LifecycleReplay(_Counted):
                 bool(should and not (facts.closed and facts.on_time)),
             ))
 
+    def abandon(self) -> None:
+        """Stop without finishing: what is not committed yet is rolled back."""
+        batch, self._batch = self._batch, None
+        if batch is not None:
+            stop = RuntimeError("the replay was abandoned")
+            batch.__exit__(RuntimeError, stop, None)
+        self.finished = True
+
     def latest_time(self) -> datetime | None:
         """Where the replay ends by default: the latest step time of the admitted cases."""
         return self._latest or self._now

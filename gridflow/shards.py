@@ -4,14 +4,15 @@ Cases do not touch each other in the engine: routing reads the case itself, dead
 the calendar, supervision fires the case's own timers (at their due time or, when armed
 late, at the time of the command that armed them), and the replay admits a record by
 comparing it with the previous record of the log only. So the records are split by a
-stable hash of the case id over worker processes, each running a
+stable hash of the case id over shards, each replayed by a
 :class:`~gridflow.replay.LifecycleReplay` on a store of its own; their counts are integer
-sums. The first worker writes straight into an empty target store it can open by URL;
-the others' stores are copied in at the end, one transaction each
+sums. The first shard is replayed in this process (no interpreter to start, no records
+to pickle), straight into the target store when it holds no case yet; the others by
+worker processes into files of their own, copied in at the end, one transaction each
 (:func:`gridflow.store.transfer.absorb`). The report and the stored cases, events and
 timers are those of a one-process replay — ``tests/test_shards.py`` checks it — except
 the event ids. A replay that fails half-way leaves what a one-process replay would: the
-batches committed so far (here: the first worker's).
+batches committed so far (here: the first shard's).
 
 Workers are fresh interpreters (``python -m gridflow.shards``; nothing is inherited, each
 loads the policy from its directory and checks its version) talking pickles over their
@@ -42,7 +43,6 @@ from gridflow.policy import Policy
 from gridflow.replay import CaseOutcome, LifecycleReplay, RunCounts, _Counted
 from gridflow.schema import CaseIn
 from gridflow.store import Store
-from gridflow.store.connect import is_memory_sqlite
 from gridflow.store.transfer import absorb
 
 __all__ = ["ReplayWorkerError", "ShardedLifecycleReplay", "shard_of", "tuned_gc"]
@@ -204,29 +204,24 @@ def _serve(conn: _Pipe, run: LifecycleReplay, store: Store | None,
             return
 
 
-def _reachable(store: Store) -> tuple[str, dict[str, Any]] | None:
-    """How a worker opens ``store`` itself (URL and options), if it can and the store
-    holds no case yet (then a worker's timers and cases are all its own there)."""
-    engine = store.engine
-    if engine is None or (store.dialect_name == "sqlite" and is_memory_sqlite(engine.url)):
-        return None
+def _empty(store: Store) -> bool:
+    """Whether ``store`` holds no case (a shard's timers and cases are then all its own
+    there: ticking cannot fire another case's timer)."""
     with store.transaction(readonly=True) as tx:
-        if next(iter(tx.iter_cases(batch=1)), None) is not None:
-            return None
-    t = store.tables
-    return (engine.url.render_as_string(hide_password=False),
-            {"table_prefix": t.prefix, "schema": t.schema, "outbox": store.outbox})
+        return next(iter(tx.iter_cases(batch=1)), None) is None
 
 
 class ShardedLifecycleReplay(_Counted):
-    """:class:`~gridflow.replay.LifecycleReplay` over ``jobs`` worker processes (same
-    interface: :meth:`feed`, :meth:`finish`, the counts and the report).
+    """:class:`~gridflow.replay.LifecycleReplay` over ``jobs`` shards: one in this
+    process, the others in worker processes (same interface: :meth:`feed`,
+    :meth:`finish`, the counts and the report). Run it under :func:`tuned_gc`, as a
+    one-process replay.
 
     ``store`` receives every case (it must not hold any of the log's case ids: the copy
     then fails with ``ConcurrencyConflict`` and copies nothing); ``None`` keeps nothing.
-    When ``store`` is empty and can be opened by URL, the first worker writes into it
-    directly; the other workers' stores are copied in at :meth:`finish`. ``workdir``:
-    where the workers' databases go meanwhile (default: the system's temporary directory).
+    When ``store`` holds no case, this process's shard is written into it directly; the
+    other shards are copied in at :meth:`finish`. ``workdir``: where the shards'
+    databases go meanwhile (default: the system's temporary directory).
     """
 
     def __init__(
@@ -262,27 +257,34 @@ class ShardedLifecycleReplay(_Counted):
             tempfile.TemporaryDirectory(prefix="gridflow-shards-", dir=workdir)
             if store is not None else None
         )
-        # where each worker writes: the first one straight into the target store when it
-        # can reach it and it is empty (nothing to copy afterwards), the others into files
-        # of their own that finish() copies in
+        # where each shard is written: the first one, replayed in this process, straight
+        # into the target store when it holds no case yet (nothing to copy afterwards);
+        # the others, and the first one otherwise, into files of their own that finish()
+        # copies in
         self._paths = [
             str(Path(self._tmp.name) / f"shard{i}.db") if self._tmp is not None else None
             for i in range(jobs)
         ]
-        direct = _reachable(store) if store is not None else None
-        targets: list[tuple[str, dict[str, Any]] | None] = [
-            (f"sqlite:///{path}", {"outbox": False}) if path is not None else None
-            for path in self._paths
-        ]
-        if direct is not None:
-            targets[0], self._paths[0] = direct, None
+        local_store = store
+        if store is not None and not _empty(store):
+            local_store = Store(f"sqlite:///{self._paths[0]}", outbox=False, case_cache=0)
+            local_store.create_all()
+        else:
+            self._paths[0] = None
+        self._local_store = local_store if local_store is not store else None
+        self._local_seen: list[CaseOutcome] = []
+        self._local = LifecycleReplay(
+            policy, local_store, until=until, batch_size=batch_size,
+            on_outcome=self._local_seen.append if on_outcome is not None else None,
+        )
         self._conns: list[_Pipe] = []
         self._procs: list[subprocess.Popen[bytes]] = []
-        # A fresh interpreter per worker (not multiprocessing's spawn, which re-runs the
-        # host's __main__ module), importing gridflow from where this process does.
+        # A fresh interpreter per other shard (not multiprocessing's spawn, which re-runs
+        # the host's __main__ module), importing gridflow from where this process does.
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         try:
-            for target in targets:
+            for path in self._paths[1:]:
+                target = (f"sqlite:///{path}", {"outbox": False}) if path is not None else None
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "gridflow.shards"], stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE, env=env,
@@ -307,7 +309,8 @@ class ShardedLifecycleReplay(_Counted):
         self.close()
 
     def close(self) -> None:
-        """Stop the workers (if still running) and remove their databases."""
+        """Stop the workers (if still running), drop what this process's shard has not
+        committed if it did not finish, and remove the shards' databases."""
         for proc in self._procs:
             for stream in (proc.stdin, proc.stdout):
                 if stream is not None:
@@ -319,6 +322,10 @@ class ShardedLifecycleReplay(_Counted):
                 proc.kill()
                 proc.wait()
         self._conns, self._procs = [], []
+        self._local.abandon()
+        if self._local_store is not None:
+            self._local_store.dispose()
+            self._local_store = None
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
@@ -330,6 +337,9 @@ class ShardedLifecycleReplay(_Counted):
         if self._in_order(record) is None:
             return
         shard = shard_of(record.case_id, self.jobs)
+        if shard == 0:
+            self._local.feed(record)
+            return
         buffer = self._buffers[shard]
         buffer.append(record)
         if len(buffer) >= self.chunk:
@@ -344,13 +354,13 @@ class ShardedLifecycleReplay(_Counted):
 
     def _send(self, shard: int, msg: tuple[Any, ...]) -> None:
         try:
-            self._conns[shard].send(msg)
+            self._conns[shard - 1].send(msg)
         except OSError:  # the worker is gone: its last words say why
             self._receive(shard, "")
 
     def _receive(self, shard: int, kind: str) -> tuple[Any, ...]:
         try:
-            msg: tuple[Any, ...] = self._conns[shard].recv()
+            msg: tuple[Any, ...] = self._conns[shard - 1].recv()
         except (EOFError, OSError, pickle.UnpicklingError):
             self.close()
             raise ReplayWorkerError(f"replay worker {shard} stopped unexpectedly") from None
@@ -366,24 +376,33 @@ class ShardedLifecycleReplay(_Counted):
         """Run every shard to the end, add their counts up and copy their stores."""
         if self.finished:
             return
-        for shard in range(self.jobs):
+        workers = range(1, self.jobs)
+        for shard in workers:
             self._send_records(shard)
             self._send(shard, ("latest",))
-        latest = [t for s in range(self.jobs) if (t := self._receive(s, "latest")[1])]
+        latest = [t for s in workers if (t := self._receive(s, "latest")[1])]
+        if (t := self._local.latest_time()) is not None:
+            latest.append(t)
         until = self.until or (max(latest) if latest else None)
-        for shard in range(self.jobs):
+        for shard in workers:
             self._send(shard, ("finish", until))
-        outcomes: list[CaseOutcome] = []
-        for shard in range(self.jobs):
+        self._local.until = until
+        self._local.finish()  # meanwhile the workers finish theirs
+        self.add_counts(self._local.counts())
+        outcomes = self._local_seen
+        for shard in workers:
             _, counts, seen = self._receive(shard, "done")
             assert isinstance(counts, RunCounts)
             self.add_counts(counts)
             outcomes += seen
         self.until = until
+        if self._local_store is not None:
+            self._local_store.dispose()
+            self._local_store = None
         if self.store is not None:
             for path in self._paths:
                 if path is None:
-                    continue  # that worker wrote into the target itself
+                    continue  # that shard was written into the target itself
                 shard_store = Store(f"sqlite:///{path}", outbox=False, case_cache=0)
                 try:
                     absorb(self.store, shard_store)

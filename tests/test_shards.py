@@ -259,6 +259,36 @@ def test_sharded_replay_into_a_store_with_or_without_cases(
     many_store.dispose()
 
 
+def test_sharded_replay_into_a_memory_store(records: list[LogRecord]) -> None:
+    """A store no worker can open (in-memory SQLite) gets this process's shard directly
+    and the workers' copied in: what one process stores."""
+    one_store, many_store = Store(outbox=False), Store(outbox=False)
+    one_store.create_all()
+    many_store.create_all()
+    one = LifecycleReplay(WUJIN, one_store)
+    many = ShardedLifecycleReplay(WUJIN, many_store, jobs=2)
+    assert many._paths[0] is None and many._paths[1] is not None
+    _replay_both(one, many, records[:150])
+    assert _stored(many_store) == _stored(one_store)
+
+
+def test_a_replay_closed_before_it_finishes_keeps_only_committed_batches(
+    records: list[LogRecord], tmp_path: Path
+) -> None:
+    """Closing a sharded replay half-way stops the workers and rolls back the batch this
+    process has not committed: the store holds whole batches (here: none), never part of
+    one."""
+    store = _file_store(tmp_path / "t.db")
+    many = ShardedLifecycleReplay(WUJIN, store, jobs=2, batch_size=10_000)
+    for rec in records[:200]:
+        many.feed(rec)
+    assert many._local.cases > 0
+    many.close()
+    assert _stored(store) == {}
+    assert many._procs == [] and many._tmp is None
+    store.dispose()
+
+
 def test_sharded_replay_into_a_database_server(
     server_store: Store, records: list[LogRecord]
 ) -> None:
