@@ -177,7 +177,9 @@ def _decision_table(decisions: list[Decision], policy: Policy) -> None:
         table.add_row(
             d.case_id or "-",
             f"{d.category} {cat.name}",
-            f"{d.lead} {d.lead_name}",
+            f"{d.lead} {d.lead_name}"
+            + (f" → pool {d.pool}" if d.pool else "")
+            + (f" → handler {d.handler}" if d.handler else ""),
             ", ".join(d.assist + [f"summon:{s}" for s in d.summon]) or "-",
             d.tier,
             d.unit or "-",

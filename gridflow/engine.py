@@ -661,7 +661,7 @@ class Engine:
             "category": d.category, "urgency": d.urgency, "lead": d.lead,
             "lead_name": d.lead_name, "assist": list(d.assist), "tier": d.tier,
             "unit": d.unit, "time_limit": d.time_limit, "priority": d.priority,
-            "pool": d.pool, "tags": list(d.tags),
+            "pool": d.pool, "handler": d.handler, "tags": list(d.tags),
             "notify": [{"kind": n.kind, "target": n.target, "units": list(n.units)}
                        for n in d.notify],
             "summon": list(d.summon), "rule": d.rule, "source": d.source,
@@ -691,6 +691,7 @@ class Engine:
                                            exclude=c.proj["excluded"], with_due=False,
                                            trace=False, history=c.tx)
             lead, tier, unit, pool = decision.lead, decision.tier, decision.unit, decision.pool
+            handler = decision.handler
             payload: dict[str, Any] = {}
             location = c.proj["location"]
             if override is not None:
@@ -704,7 +705,7 @@ class Engine:
                     "lead": new_lead,
                     "reason": self._text("override.reason", why, required=True),
                 }
-                lead, pool = new_lead, None
+                lead, pool, handler = new_lead, None, None
                 tier = reg.departments[new_lead].tier
                 unit = reg.unit_for_tier(location, tier) or reg.departments[new_lead].unit
             current = c.proj["tier"]
@@ -727,6 +728,8 @@ class Engine:
                 "due_at": due,
                 "warn_at": warn,
             })
+            if handler is not None:
+                payload["handler"] = handler
             return payload, []
 
         return self._run(case_id, actor, "dispatch", None, effect)
@@ -734,10 +737,15 @@ class Engine:
     # -- step 4: handle ---------------------------------------------------------------
 
     def accept(self, case_id: str, actor: Actor) -> CaseView:
-        """签收: a handler of the lead department accepts the task (``→ handling``)."""
+        """签收: a handler of the lead department accepts the task (``→ handling``); a case
+        the routing rule assigned to a named handler, that handler only."""
 
         def effect(c: _Ctx) -> tuple[dict[str, Any], list[NewEvent]]:
             c.require_member(lead_only=True)
+            named = c.proj["handler"]
+            if named is not None and c.actor.id != named:
+                raise c.refuse(f"the case is assigned to handler '{named}'; "
+                               f"actor '{c.actor.id}' may not accept it")
             return {"department": c.actor.department}, []
 
         return self._run(case_id, actor, "accept", None, effect)

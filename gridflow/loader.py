@@ -543,8 +543,11 @@ class _Builder:
                 pools = [p.id for p in d.pools]
                 if len(set(pools)) != len(pools):
                     self.err(located, (*path, "pools"), "duplicate pool ids")
+                handlers = [h.id for h in d.handlers]
+                if len(set(handlers)) != len(handlers):
+                    self.err(located, (*path, "handlers"), "duplicate handler ids")
                 departments[d.id] = DepartmentInfo(
-                    d.id, d.name, d.tier, d.unit, tuple(pools), d.name_en
+                    d.id, d.name, d.tier, d.unit, tuple(pools), d.name_en, tuple(handlers)
                 )
                 self.locations[("department", d.id)] = (located, path)
             for i, c in enumerate(model.categories or []):
@@ -709,20 +712,22 @@ class _Builder:
                 f"unknown tier '{o.tier}'",
                 suggestion=suggest(o.tier, reg.tiers),
             )
-        if (
-            o.pool is not None
-            and o.lead in reg.departments
-            and reg.departments[o.lead].name_en != _BROKEN
-        ):
-            pools = reg.departments[o.lead].pools
-            if o.pool not in pools:
-                self.err(
-                    located,
-                    (*path, "pool"),
-                    f"'{o.pool}' is not a pool of department '{o.lead}'"
-                    + (f" (pools: {', '.join(pools)})" if pools else " (it has no pools)"),
-                    suggestion=suggest(o.pool, pools),
-                )
+        if o.pool is not None and o.handler is not None:
+            self.err(located, (*path, "handler"),
+                     "a rule routes to a pool or to a named handler, not both")
+        lead = reg.departments.get(o.lead)
+        if lead is not None and lead.name_en != _BROKEN:
+            for key, value, known in (("pool", o.pool, lead.pools),
+                                      ("handler", o.handler, lead.handlers)):
+                if value is not None and value not in known:
+                    self.err(
+                        located,
+                        (*path, key),
+                        f"'{value}' is not a {key} of department '{o.lead}'"
+                        + (f" ({key}s: {', '.join(known)})" if known else
+                           f" (it has no {key}s)"),
+                        suggestion=suggest(value, known),
+                    )
         if isinstance(o.time_limit, dict) and "normal" not in o.time_limit:
             self.err(located, (*path, "time_limit"), "a time limit by urgency must give 'normal'")
         for i, n in enumerate(o.notify):

@@ -115,6 +115,7 @@ def _compare(expect: Any, d: Decision) -> list[str]:
         ("tier", expect.tier, d.tier),
         ("rule", expect.rule, d.rule),
         ("pool", expect.pool, d.pool),
+        ("handler", expect.handler, d.handler),
         ("priority", expect.priority, d.priority),
         ("time_limit", _canonical(expect.time_limit), d.time_limit),
         ("due_at", expect.due_at, d.due_at),

@@ -157,7 +157,7 @@ def _set_decision(s: dict[str, Any], p: Mapping[str, Any]) -> None:
 
 def _dispatch(s: dict[str, Any], e: EventLike, p: Mapping[str, Any], at: str) -> None:
     _set_decision(s, p)
-    s["handler"] = None
+    s["handler"] = p.get("handler")  # a named handler the rule assigned, else who accepts
     s["dispatched_at"] = at
     s["due_at"] = p.get("due_at")
     s["warn_at"] = p.get("warn_at")

@@ -33,6 +33,7 @@ class DepartmentInfo:
     unit: str | None
     pools: tuple[str, ...]
     name_en: str | None = None
+    handlers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -523,8 +523,14 @@ class _Cast:
         self.intake_role = "clerk" if "clerk" in roles else self.reporter_role
         self._actors: dict[tuple[str, str | None], Actor] = {}  # (trigger, dept or unit)
 
-    def actor(self, trigger: str, department: str | None = None) -> Actor:
+    def actor(
+        self, trigger: str, department: str | None = None, *, named: str | None = None
+    ) -> Actor:
+        """The actor of ``trigger`` (of ``department``); ``named``: the handler a rule
+        assigned the case to, who alone may accept it."""
         role = self.roles[trigger]
+        if named is not None:
+            return Actor(named, role, department=department)
         key = (trigger, department)
         found = self._actors.get(key)
         if found is None:
@@ -955,7 +961,7 @@ class LifecycleReplay(_Counted):
         if what == "accept":
             if view.pool is not None:
                 return e.claim(cid, cast.actor("claim", lead))
-            return e.accept(cid, cast.actor("accept", lead))
+            return e.accept(cid, cast.actor("accept", lead, named=view.handler))
         if what == "extend":
             extra = rec.extension or "1wd"
             e.request_extension(cid, cast.actor("request_extension", lead),

@@ -99,6 +99,7 @@ class Decision:
     due_at: datetime | None
     priority: int
     pool: str | None
+    handler: str | None
     tags: list[str]
     notify: list[Notification]
     summon: list[str]
@@ -488,6 +489,7 @@ class Router:
             due_at=due_at,
             priority=priority,
             pool=primary.pool,
+            handler=primary.handler,
             tags=list(tags),
             notify=notifications,
             summon=list(summon),

@@ -142,6 +142,11 @@ class Pool(Strict):
     name: str | None = None
 
 
+class Handler(Strict):
+    id: Ident = Field(description="the handler's actor id in the host platform")
+    name: str | None = None
+
+
 class Department(Strict):
     id: Ident
     name: str
@@ -149,6 +154,9 @@ class Department(Strict):
     tier: Ident
     unit: Ident | None = Field(None, description="the unit the department belongs to")
     pools: list[Pool] = Field(default_factory=list)
+    handlers: list[Handler] = Field(
+        default_factory=list, description="named handlers a rule may assign cases to"
+    )
 
 
 class Category(Strict):
@@ -281,6 +289,9 @@ class Outcome(Strict):
     time_limit: TimeLimit | None = None
     priority: int | None = Field(None, ge=1, le=9, description="1 = highest")
     pool: Ident | None = None
+    handler: Ident | None = Field(
+        None, description="a named handler of the lead department (指定处置人), not with pool"
+    )
     tags: list[str] = Field(default_factory=list)
     notify: list[Notify] = Field(default_factory=list)
     summon: list[Ident] = Field(
@@ -334,6 +345,7 @@ class Expectation(Strict):
     assist: list[Ident] | None = None
     rule: str | None = Field(None, description="matched rule id, or 'default'")
     pool: Ident | None = None
+    handler: Ident | None = None
     priority: int | None = None
     time_limit: str | None = None
     due_at: AwareDatetime | None = None

@@ -162,7 +162,7 @@ def test_route_json_gives_the_decision(tmp_path: Path) -> None:
     assert d["lead"] == "sanitation"
     assert d["tier"] == "street"
     assert d["rule"] == "garbage"
-    assert d["pool"] == "east"
+    assert d["pool"] == "east" and d["handler"] is None
     assert d["time_limit"] == "4wh"
     assert d["due_at"] is not None and d["due_at"].startswith("2026-03-09T")
     assert d["policy_version"] == load_policy(MINI, today=TODAY).version

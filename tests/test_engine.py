@@ -365,6 +365,44 @@ def test_claim_by_exactly_one(engine: Engine) -> None:
     assert [e.type for e in engine.history(cid)].count("claim") == 1
 
 
+def test_a_named_handler_alone_accepts_the_case(engine: Engine) -> None:
+    """Rule missing-person names the police station's duty officer (handler:
+    duty-officer): the case is on that officer's worklist once dispatched, and another
+    officer of the station may not accept it."""
+    cid = to_state(engine, "filed", "09-missing-person")
+    view = engine.dispatch(cid, DISPATCHER)
+    assert (view.lead, view.pool, view.handler) == ("police-station", None, "duty-officer")
+    assert view.data["decision"]["handler"] == "duty-officer"
+    assert engine.history(cid)[-1].payload["handler"] == "duty-officer"
+    assert [c.id for c in engine.worklist(handler="duty-officer")] == [cid]
+    before = snapshot(engine, cid)
+    with pytest.raises(TransitionNotAllowed, match="assigned to handler 'duty-officer'"):
+        engine.accept(cid, POLICE)
+    with pytest.raises(TransitionNotAllowed, match="not routed to a pool"):
+        engine.claim(cid, Actor("duty-officer", "handler", department="police-station"))
+    assert snapshot(engine, cid) == before
+    view = engine.accept(cid, Actor("duty-officer", "handler", department="police-station"))
+    assert view.state == "handling" and view.handler == "duty-officer"
+    assert_consistent(engine, cid)
+
+
+def test_a_named_handler_goes_with_an_override_or_a_return(engine: Engine) -> None:
+    """Overriding the lead drops the rule's named handler; so does a return to dispatch
+    (the next dispatch routes again)."""
+    cid = to_state(engine, "filed", "09-missing-person")
+    view = engine.dispatch(cid, DUTY_CHIEF, override=("street-command", "the station is busy"))
+    assert (view.lead, view.handler) == ("street-command", None)
+    assert "handler" not in engine.history(cid)[-1].payload
+    engine.accept(cid, Actor("sc-1", "handler", department="street-command"))
+    assert engine.get(cid).handler == "sc-1"
+
+    cid = to_state(engine, "filed", "09-missing-person")
+    engine.dispatch(cid, DISPATCHER)
+    view = engine.return_case(cid, POLICE, "not a missing person: a lost dog")
+    assert view.state == "filed" and view.handler is None
+    assert_consistent(engine, cid)
+
+
 def test_claim_race_raises_concurrency_conflict(
     engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -247,6 +247,27 @@ BROKEN = [
         (Expected("routing.yaml", "eastt", "'eastt' is not a pool of department 'sanitation'",
                   "east"),),
     ),
+    Broken(
+        "handler-not-of-lead",
+        (("routing.yaml", GARBAGE_THEN, "then: {lead: urban-mgmt, handler: wang-qiang}"),),
+        (Expected("routing.yaml", "wang-qiang}",
+                  "'wang-qiang' is not a handler of department 'urban-mgmt' (it has no "
+                  "handlers)"),),
+    ),
+    Broken(
+        "handler-typo-suggests-a-handler-of-the-lead",
+        (("routing.yaml", GARBAGE_THEN, "then: {lead: sanitation, handler: wang-qaing}"),),
+        (Expected("routing.yaml", "wang-qaing",
+                  "'wang-qaing' is not a handler of department 'sanitation' (handlers: "
+                  "wang-qiang)", "wang-qiang"),),
+    ),
+    Broken(
+        "pool-and-handler",
+        (("routing.yaml", GARBAGE_THEN,
+          "then: {lead: sanitation, pool: east, handler: wang-qiang}"),),
+        (Expected("routing.yaml", "wang-qiang}",
+                  "a rule routes to a pool or to a named handler, not both"),),
+    ),
     # --- duplicate ids ---------------------------------------------------------------------
     Broken(
         "duplicate-department",
@@ -255,6 +276,12 @@ BROKEN = [
           "  - {id: centre, name: 又一个中心, tier: district}\n"),),
         (Expected("departments.yaml", "centre, name: 又一个中心",
                   "duplicate department id 'centre'"),),
+    ),
+    Broken(
+        "duplicate-handler",
+        (("departments.yaml", "handlers: [{id: wang-qiang, name: 王强（片长）}]",
+          "handlers: [{id: wang-qiang}, {id: wang-qiang, name: 王强（片长）}]"),),
+        (Expected("departments.yaml", "[{id: wang-qiang}", "duplicate handler ids"),),
     ),
     Broken(
         "duplicate-unit",

@@ -222,6 +222,18 @@ def test_run_tests_reports_failures_with_messages(tmp_path: Path) -> None:
     assert by_name["紧急占道经营"].failures == ("time_limit: expected '1wd', got '2wh'",)
 
 
+def test_a_rule_names_a_handler_and_rule_tests_check_it(tmp_path: Path) -> None:
+    root = copy_mini(tmp_path / "p")
+    edit(root / "routing.yaml", GARBAGE_THEN, "then: {lead: sanitation, handler: wang-qiang}")
+    edit(root / "tests.yaml", "rule: garbage, pool: east,", "rule: garbage, handler: li-si,")
+    policy = load_policy(root, today=TODAY)
+    d = policy.route(GARBAGE)
+    assert (d.lead, d.pool, d.handler) == ("sanitation", None, "wang-qiang")
+    assert d.to_dict()["handler"] == "wang-qiang"
+    (failed,) = [r for r in policy.run_tests() if not r.passed]
+    assert failed.failures == ("handler: expected 'li-si', got 'wang-qiang'",)
+
+
 def test_run_tests_compares_lists_as_sets(tmp_path: Path) -> None:
     root = copy_mini(tmp_path / "p")
     edit(root / "tests.yaml", "assist: [community-office]", "assist: [centre]")
