@@ -37,6 +37,7 @@ Op = Literal["eq", "ne", "in", "not_in", "lt", "lte", "gt", "gte", "prefix", "co
 
 CATEGORY = "category"
 DESCRIPTION = "description"
+ADDRESS = "address"
 CHANNEL = "channel"
 URGENCY = "urgency"
 TIME_FIELDS = {
@@ -250,6 +251,18 @@ class _Lowerer:
                     "description",
                     when.description,
                     ("contains", "contains_any", "regex"),
+                    scalar_op="contains",
+                    list_op="contains_any",  # type: ignore[arg-type]
+                )
+            )
+        if when.address is not None:
+            add(
+                self.field(
+                    (*path, "address"),
+                    ADDRESS,
+                    "address",
+                    when.address,
+                    ("eq", "contains", "contains_any", "prefix", "regex"),
                     scalar_op="contains",
                     list_op="contains_any",  # type: ignore[arg-type]
                 )

@@ -41,7 +41,7 @@ from typing import Any, Literal
 from gridflow.calendar import parse_duration
 from gridflow.clock import ManualClock
 from gridflow.compiler import category_scope
-from gridflow.conditions import CATEGORY, CHANNEL, DESCRIPTION, TIME_FIELDS, tests_of
+from gridflow.conditions import ADDRESS, CATEGORY, CHANNEL, DESCRIPTION, TIME_FIELDS, tests_of
 from gridflow.engine import SUPERVISED_STATES, Actor, CaseView, Engine
 from gridflow.errors import CalendarRangeError, GridflowError, GridflowRuntimeError
 from gridflow.history import History, HistorySpec
@@ -134,6 +134,7 @@ class _Seen:
     attrs: tuple[str, ...]
     time: tuple[str, ...]  # the local-time fields tested (t_hour, t_working, ...)
     description: bool  # the description itself is tested (not only by text tests)
+    address: bool  # the address is tested (by any test)
     history: bool  # a history condition is tested
 
 
@@ -167,12 +168,10 @@ class _Relevance:
             if scope is not None and category not in scope:
                 continue
             for t in tests:
-                if t.op in _TEXT_OPS:
+                if t.op in _TEXT_OPS and t.field == DESCRIPTION:
                     k = self._pred_index[(t.field, t.op, str(t.value))]
                     texts[k] = self._pred_tests[k]
-                    if t.field != DESCRIPTION:
-                        fields.add(t.field)
-                else:
+                else:  # other fields' text tests too: keyed by the value itself
                     fields.add(t.field)
         time_fields = set(TIME_FIELDS.values())
         found = self._cache[category] = _Seen(
@@ -182,6 +181,7 @@ class _Relevance:
             attrs=tuple(sorted(f[2:] for f in fields if f.startswith("a_"))),
             time=tuple(sorted(fields & time_fields)),
             description=DESCRIPTION in fields,
+            address=ADDRESS in fields,
             history=any(HistorySpec.of_field(f) is not None for f in fields),
         )
         return found
@@ -263,6 +263,8 @@ class RouteMemo:
                 parts.append(value if value is _MISSING else (value.__class__, value))
         if seen.time:
             parts.append(self._time_key(case.reported_at, seen.time))
+        if seen.address:
+            parts.append(case.address)
         if seen.description:
             parts.append(normalise_description(case.description))
         elif seen.texts:

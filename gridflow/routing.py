@@ -13,6 +13,7 @@ from pydantic import TypeAdapter, ValidationError
 from gridflow.calendar import BusinessCalendar, Duration, parse_duration
 from gridflow.compiler import CompiledRules, category_scope
 from gridflow.conditions import (
+    ADDRESS,
     CATEGORY,
     CHANNEL,
     DESCRIPTION,
@@ -258,6 +259,8 @@ def case_fact(reg: Registry, calendar: BusinessCalendar, case: CaseIn) -> dict[s
         CHANNEL: case.channel,
         URGENCY: case.urgency or info.urgency,
     }
+    if case.address is not None:
+        fact[ADDRESS] = normalise_description(case.address)
     ancestry = reg.units[case.location].ancestry
     for i, level in enumerate(reg.levels):
         if level in ancestry:

@@ -265,6 +265,9 @@ class When(Strict):
     description: str | list[str] | Match | None = Field(
         None, description="a string: contains it; a list: contains any of them"
     )
+    address: str | list[str] | Match | None = Field(
+        None, description="a string: contains it; a list: contains any of them"
+    )
     channel: FieldCond | None = None
     urgency: FieldCond | None = None
     location: dict[Ident, Ident | list[Ident]] | None = Field(

@@ -13,9 +13,10 @@ import this module).
         assert POLICY.route(case).lead in POLICY.registry.departments
 
 Every drawn case passes :meth:`Policy.validate_case`: known categories, units and
-channels, declared attributes with their types and allowed values. Descriptions often
-contain the words the policy's rules look for, so the text rules fire; times fall on
-days the policy's calendar covers, working hours and holidays included.
+channels, declared attributes with their types and allowed values. Descriptions (and
+addresses, when drawn) often contain the words the policy's rules look for, so the text
+rules fire; times fall on days the policy's calendar covers, working hours and holidays
+included.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "gridflow.strategies needs hypothesis: pip install 'gridflow[testing]'"
     ) from exc
 
-from gridflow.conditions import DESCRIPTION, tests_of
+from gridflow.conditions import ADDRESS, DESCRIPTION, tests_of
 from gridflow.importer import LogRecord
 from gridflow.policy import Policy
 from gridflow.schema import CaseIn
@@ -38,14 +39,16 @@ from gridflow.schema import CaseIn
 __all__ = ["case_ins", "cases", "log_records", "reported_times"]
 
 _FILLER = ["群众反映", "路口", "小区", "楼下", "请处理", "x", "1", " "]
+_ADDRESS_FILLER = ["景荣小区", "1号楼", "蓝天路", "3单元", " "]
 
 
-def _words(policy: Policy) -> list[str]:
+def _words(policy: Policy, field: str = DESCRIPTION) -> list[str]:
+    """The texts the policy's rules look for in ``field`` (contains and prefix tests)."""
     out: list[str] = []
     for table in policy.router.rules:
         for rule in table:
             for t in tests_of(rule.cond):
-                if t.field == DESCRIPTION and t.op in ("contains", "prefix"):
+                if t.field == field and t.op in ("contains", "prefix", "eq"):
                     values = t.value if isinstance(t.value, list | tuple) else [t.value]
                     out.extend(str(v) for v in values if str(v) not in out)
     return out
@@ -87,7 +90,9 @@ def cases(policy: Policy, *, with_time: bool = True, start: date | None = None,
     reg = policy.registry
     words = _words(policy) or ["问题"]
     description = st.lists(st.sampled_from(words + _FILLER), max_size=5).map("".join)
+    address_words = _words(policy, ADDRESS) + _ADDRESS_FILLER
     optional: dict[str, st.SearchStrategy[Any]] = {
+        "address": st.lists(st.sampled_from(address_words), min_size=1, max_size=3).map("".join),
         "urgency": st.sampled_from(["normal", "urgent", "emergency"]),
         "attributes": st.fixed_dictionaries(
             {}, optional={name: _attribute(policy, name) for name in sorted(reg.attributes)}

@@ -106,6 +106,11 @@ def matches(when: When, policy: Policy, case: CaseIn, kind: Kind = None) -> bool
         when.description, description, scalar="contains", listed="contains_any"
     ):
         return False
+    address = MISSING if case.address is None else " ".join(case.address.split())
+    if when.address is not None and not _field(
+        when.address, address, scalar="contains", listed="contains_any"
+    ):
+        return False
     if when.channel is not None and not _field(when.channel, case.channel):
         return False
     urgency = case.urgency or reg.categories[case.category].urgency

@@ -151,6 +151,24 @@ def _description() -> st.SearchStrategy[Any]:
     )
 
 
+ADDRESS_WORDS = ["景荣小区", "1号楼", "蓝天路"]
+
+
+def addresses() -> st.SearchStrategy[str]:
+    return st.lists(st.sampled_from([*ADDRESS_WORDS, "井盖", " ", "a"]), min_size=1,
+                    max_size=3).map("".join)
+
+
+def _address() -> st.SearchStrategy[Any]:
+    return st.one_of(
+        st.sampled_from(ADDRESS_WORDS),
+        st.lists(st.sampled_from(ADDRESS_WORDS), min_size=1, max_size=2, unique=True),
+        st.builds(lambda p: {"prefix": p}, st.sampled_from(ADDRESS_WORDS)),
+        st.builds(lambda a: {"eq": a}, addresses()),
+        st.builds(lambda r: {"regex": r}, regexes()),
+    )
+
+
 def _attributes() -> st.SearchStrategy[dict[str, Any]]:
     return st.fixed_dictionaries(
         {},
@@ -191,6 +209,7 @@ def _when_fields() -> st.SearchStrategy[dict[str, Any]]:
         optional={
             "category": _category(),
             "description": _description(),
+            "address": _address(),
             "channel": st.one_of(
                 st.sampled_from(CHANNELS),
                 st.lists(st.sampled_from(CHANNELS), min_size=1, max_size=2, unique=True),
@@ -276,6 +295,8 @@ def cases(draw: st.DrawFn) -> dict[str, Any]:
         case["urgency"] = draw(st.sampled_from(["normal", "urgent", "emergency"]))
     if draw(st.booleans()):
         case["reported_at"] = draw(st.sampled_from(TIMES)).isoformat()
+    if draw(st.booleans()):
+        case["address"] = draw(addresses())
     case["attributes"] = draw(
         st.fixed_dictionaries(
             {},

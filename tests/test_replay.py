@@ -85,6 +85,9 @@ def test_routing_replay_equals_route_on_generated_policies(
                 validated.append(compiled.validate_case(raw))
             except GridflowError:
                 continue
+        # the same cases at other addresses: keys that differ only there
+        validated += [c.model_copy(update={"address": a}) for c in validated[:3]
+                      for a in (None, "景荣小区1号楼", "蓝天路")]
         for case in validated + validated[::-1]:  # the second pass hits the memo
             _same_as_route(compiled, memo, case)
 

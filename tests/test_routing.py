@@ -292,3 +292,77 @@ def test_bad_attribute_value_and_unknown_channel_are_both_reported(mini: Policy)
 def test_near_miss_urgency_is_suggested(mini: Policy) -> None:
     with pytest.raises(CaseValidationError, match="did you mean 'urgent'"):
         mini.route({"category": "E01-10", "location": "g1", "urgency": "urgnt"})
+
+
+# --- conditions on the address ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def by_address(tmp_path_factory: pytest.TempPathFactory) -> Policy:
+    """First-hit rules on the address: exact, contains, one of, prefix and regex."""
+    rules = [
+        ("exact", {"address": {"eq": "景荣小区 1号楼"}}, "community-office"),
+        ("jingrong", {"category": "E01-10", "address": "景荣小区"}, "grid-team"),
+        ("roads", {"address": {"prefix": ["蓝天路", "青年路"]}}, "urban-mgmt"),
+        ("buildings", {"address": {"regex": "[0-9]+号楼$"}}, "sanitation"),
+        ("markets", {"address": ["菜场", "市场"]}, "civil-affairs"),
+    ]
+    content = {
+        "policy": {"name": "by-address"},
+        "organisation": gs.ORGANISATION,
+        "departments": gs.DEPARTMENTS,
+        "categories": gs.CATEGORIES,
+        "attributes": gs.ATTRIBUTES,
+        "routing": {
+            "default": {"lead": "centre", "time_limit": "1wd"},
+            "tables": [{"id": "main", "hit": "first", "rules": [
+                {"id": rid, "when": when, "then": {"lead": lead}} for rid, when, lead in rules
+            ]}],
+        },
+    }
+    return _load(content, tmp_path_factory.mktemp("by-address"))
+
+
+@pytest.mark.parametrize(
+    ("category", "address", "rule"),
+    [
+        ("E01-10", "景荣小区 1号楼", "exact"),
+        ("E01-10", "  景荣小区   1号楼 ", "exact"),  # white space runs count as one space
+        ("E01-10", "景荣小区1号楼", "jingrong"),  # not the exact text: contains
+        ("E04-06", "景荣小区东门", "default"),  # contains, but another category
+        ("E04-06", "蓝天路88号", "roads"),
+        ("E04-06", "青年路口", "roads"),
+        ("E04-06", "人民路蓝天路口", "default"),  # contains 蓝天路, does not start with it
+        ("E04-06", "人民路12号楼", "buildings"),
+        ("E04-06", "人民路12号楼东", "default"),
+        ("S01-01", "东门菜场", "markets"),
+        ("E01-10", None, "default"),  # no address: no address condition holds
+        ("E01-10", "", "default"),
+    ],
+)
+def test_rules_test_the_address(
+    by_address: Policy, category: str, address: str | None, rule: str
+) -> None:
+    case = {"category": category, "location": "g1", "description": "群众反映"}
+    if address is not None:
+        case["address"] = address
+    d = by_address.route(case)
+    assert d.rule == rule
+    if rule != "default":
+        (condition,) = [c for c in d.hits[0].conditions if "address" in c.condition]
+        assert condition.seen == " ".join(address.split())  # type: ignore[union-attr]
+
+
+def test_an_address_condition_takes_text_operators_only(tmp_path: Path) -> None:
+    content = {
+        "policy": {"name": "bad"},
+        "organisation": gs.ORGANISATION,
+        "departments": gs.DEPARTMENTS,
+        "categories": gs.CATEGORIES,
+        "routing": {"default": {"lead": "centre"}, "tables": [{"id": "t", "hit": "first", "rules": [
+            {"id": "r", "when": {"address": {"gte": 3}}, "then": {"lead": "centre"}},
+        ]}]},
+    }
+    with pytest.raises(DefinitionError, match=r"operator 'gte' is not allowed on address "
+                       r"\(allowed: eq, contains, contains_any, prefix, regex\)"):
+        _load(content, tmp_path)
