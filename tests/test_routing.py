@@ -26,6 +26,18 @@ def _load(content: dict[str, Any], tmp: Path) -> Policy:
     return load_policy(tmp, strict=False)
 
 
+def _policy(name: str, tables: list[dict[str, Any]]) -> dict[str, Any]:
+    """A one-file policy over the generated organisation, departments and categories."""
+    return {
+        "policy": {"name": name},
+        "organisation": gs.ORGANISATION,
+        "departments": gs.DEPARTMENTS,
+        "categories": gs.CATEGORIES,
+        "attributes": gs.ATTRIBUTES,
+        "routing": {"default": {"lead": "centre", "time_limit": "1wd"}, "tables": tables},
+    }
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(policy=gs.policies(), cases=st.lists(gs.cases(), min_size=1, max_size=12))
 def test_durable_rules_path_equals_reference(
@@ -77,53 +89,43 @@ def test_durable_rules_path_equals_reference(
 
 @pytest.fixture(scope="module")
 def mini(tmp_path_factory: pytest.TempPathFactory) -> Policy:
-    content = {
-        "policy": {"name": "mini"},
-        "organisation": gs.ORGANISATION,
-        "departments": gs.DEPARTMENTS,
-        "categories": gs.CATEGORIES,
-        "attributes": gs.ATTRIBUTES,
-        "routing": {
-            "default": {"lead": "centre", "time_limit": "1wd"},
-            "tables": [
+    content = _policy("mini", [
+        {
+            "id": "main",
+            "hit": "first",
+            "rules": [
                 {
-                    "id": "main",
-                    "hit": "first",
-                    "rules": [
-                        {
-                            "id": "sidewalk",
-                            "when": {"category": "E04-06"},
-                            "then": {"lead": "grid-team", "pool": "p1", "time_limit": "2wh"},
-                        },
-                        {
-                            "id": "missing",
-                            "when": {"category": "S01-01", "description": "走失"},
-                            "then": {
-                                "lead": "centre",
-                                "notify": [{"broadcast": "grid", "within": "street"}],
-                            },
-                        },
-                        {
-                            "id": "garbage",
-                            "when": {"category": "E01-10"},
-                            "then": {"lead": "sanitation", "tier": "street"},
-                        },
-                    ],
+                    "id": "sidewalk",
+                    "when": {"category": "E04-06"},
+                    "then": {"lead": "grid-team", "pool": "p1", "time_limit": "2wh"},
                 },
                 {
-                    "id": "co",
-                    "hit": "collect",
-                    "rules": [
-                        {
-                            "id": "needy",
-                            "when": {"attributes": {"needy": True}},
-                            "then": {"lead": "civil-affairs", "tags": ["needy"]},
-                        },
-                    ],
+                    "id": "missing",
+                    "when": {"category": "S01-01", "description": "走失"},
+                    "then": {
+                        "lead": "centre",
+                        "notify": [{"broadcast": "grid", "within": "street"}],
+                    },
+                },
+                {
+                    "id": "garbage",
+                    "when": {"category": "E01-10"},
+                    "then": {"lead": "sanitation", "tier": "street"},
                 },
             ],
         },
-    }
+        {
+            "id": "co",
+            "hit": "collect",
+            "rules": [
+                {
+                    "id": "needy",
+                    "when": {"attributes": {"needy": True}},
+                    "then": {"lead": "civil-affairs", "tags": ["needy"]},
+                },
+            ],
+        },
+    ])
     return _load(content, tmp_path_factory.mktemp("mini"))
 
 
@@ -307,19 +309,9 @@ def by_address(tmp_path_factory: pytest.TempPathFactory) -> Policy:
         ("buildings", {"address": {"regex": "[0-9]+号楼$"}}, "sanitation"),
         ("markets", {"address": ["菜场", "市场"]}, "civil-affairs"),
     ]
-    content = {
-        "policy": {"name": "by-address"},
-        "organisation": gs.ORGANISATION,
-        "departments": gs.DEPARTMENTS,
-        "categories": gs.CATEGORIES,
-        "attributes": gs.ATTRIBUTES,
-        "routing": {
-            "default": {"lead": "centre", "time_limit": "1wd"},
-            "tables": [{"id": "main", "hit": "first", "rules": [
-                {"id": rid, "when": when, "then": {"lead": lead}} for rid, when, lead in rules
-            ]}],
-        },
-    }
+    content = _policy("by-address", [{"id": "main", "hit": "first", "rules": [
+        {"id": rid, "when": when, "then": {"lead": lead}} for rid, when, lead in rules
+    ]}])
     return _load(content, tmp_path_factory.mktemp("by-address"))
 
 
@@ -354,15 +346,9 @@ def test_rules_test_the_address(
 
 
 def test_an_address_condition_takes_text_operators_only(tmp_path: Path) -> None:
-    content = {
-        "policy": {"name": "bad"},
-        "organisation": gs.ORGANISATION,
-        "departments": gs.DEPARTMENTS,
-        "categories": gs.CATEGORIES,
-        "routing": {"default": {"lead": "centre"}, "tables": [{"id": "t", "hit": "first", "rules": [
-            {"id": "r", "when": {"address": {"gte": 3}}, "then": {"lead": "centre"}},
-        ]}]},
-    }
+    content = _policy("bad", [{"id": "t", "hit": "first", "rules": [
+        {"id": "r", "when": {"address": {"gte": 3}}, "then": {"lead": "centre"}},
+    ]}])
     with pytest.raises(DefinitionError, match=r"operator 'gte' is not allowed on address "
                        r"\(allowed: eq, contains, contains_any, prefix, regex\)"):
         _load(content, tmp_path)

@@ -242,7 +242,7 @@ def _with_other_case(store: Store) -> None:
 def test_sharded_replay_into_a_store_with_or_without_cases(
     records: list[LogRecord], tmp_path: Path, other_case: bool
 ) -> None:
-    """An empty store is written by the first worker directly; one holding cases gets
+    """An empty store gets this process's shard written directly; one holding cases gets
     every shard copied in. Either way: what one process stores."""
     one_store, many_store = _file_store(tmp_path / "one.db"), _file_store(tmp_path / "many.db")
     if other_case:
@@ -250,7 +250,7 @@ def test_sharded_replay_into_a_store_with_or_without_cases(
         _with_other_case(many_store)
     one = LifecycleReplay(WUJIN, one_store)
     many = ShardedLifecycleReplay(WUJIN, many_store, jobs=2)
-    assert (many._paths[0] is None) is not other_case  # the first worker writes directly
+    assert (many._paths[0] is None) is not other_case  # this process's shard writes directly
     _replay_both(one, many, records[:200])
     stored = _stored(one_store)
     assert ("OTHER-1" in stored) is other_case
@@ -292,8 +292,8 @@ def test_a_replay_closed_before_it_finishes_keeps_only_committed_batches(
 def test_sharded_replay_into_a_database_server(
     server_store: Store, records: list[LogRecord]
 ) -> None:
-    """A worker opens the server store by URL (with its prefix and schema) and writes
-    into it; the other shard is copied in through SQLAlchemy."""
+    """This process's shard writes into the server store (its prefix and schema); the
+    worker's shard is copied in through SQLAlchemy."""
     assert server_store.engine is not None
     one_store = Store(server_store.engine, table_prefix="one_",
                       schema=server_store.tables.schema, outbox=False)
