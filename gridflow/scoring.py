@@ -18,7 +18,7 @@ The definitions, with worked examples, are in docs/scoring.md.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from itertools import pairwise
@@ -245,7 +245,7 @@ class _Fold:
 
     def __init__(self, calendar: BusinessCalendar):
         self.cal = calendar
-        self.f: dict[str, Any] = {}
+        self.f: dict[str, Any] = {"version": 0}
         self.working = True  # the deadline's kind of time (working or elapsed hours)
         self.round_start: datetime | None = None  # start of the deadline in force
         self.handling_start: datetime | None = None  # start of the handling round
@@ -279,84 +279,104 @@ class _Fold:
         self.paused_round = 0.0
 
     def apply(self, ev: HistoryEvent) -> None:
-        f, p, at, kind = self.f, ev.payload, ev.at, ev.type
-        f["version"] = f.get("version", 0) + 1
-        f["updated_at"] = at
-        if isinstance(p.get("state"), str):
-            f["state"] = p["state"]
-        if kind == "reported":
-            case = p.get("case") or {}
-            f["case_id"] = p.get("case_id", f.get("case_id"))
-            f["reported_at"] = _time(p.get("reported_at"), at)
-            f["category"] = case.get("category")
-            f["location"] = case.get("location")
-            f["reporter_id"] = ev.actor_id
-            f["reporter_role"] = ev.actor_role
-        elif kind in ("dispatch", "resolve_on_spot"):
-            decision = p.get("decision") or {}
-            f["lead"] = p.get("lead")
-            f["filed"] = True
-            self.assist = [d for d in decision.get("assist", []) if isinstance(d, str)]
-            self.summoned = [d for d in p.get("summoned", []) if isinstance(d, str)]
-            if kind == "resolve_on_spot":
-                f["on_spot"] = True
-                self.new_round(at, None, None)
-            else:
-                self.new_round(at, _opt_time(p.get("due_at")), decision.get("time_limit"))
-            if self.handling_start is None:
-                self.handling_start = at
-                self.paused_handling = 0.0
-        elif kind == "file":
-            f["filed"] = True
-        elif kind == "cancel":
-            f["cancelled"] = True
-        elif kind == "return_case":
-            f["returns"] = f.get("returns", 0) + 1
-            f["lead"] = None
-        elif kind == "uphold_routing_appeal":
-            f["lead"] = None
-            ex = p.get("exemption") or {}
-            hours = ex.get("working_hours")
-            start, end = _opt_time(ex.get("from")), _opt_time(ex.get("to"))
-            if not isinstance(hours, int | float) and start is not None and end is not None:
-                hours = self.cal.working_hours_between(start, end)
-            if isinstance(hours, int | float) and hours > 0:
-                f["exempt_hours"] = f.get("exempt_hours", 0.0) + float(hours)
-        elif kind == "uphold_score_appeal":
-            ex = p.get("exemption") or {}
-            self.exempt += [c for c in _named_criteria(ex) if c not in self.exempt]
-            f["score_appeals"] = f.get("score_appeals", 0) + 1
-            f["score_appeal_reason"] = ex.get("reason") or ev.reason
-        elif kind == "approve_extension":
-            f["extensions"] = f.get("extensions", 0) + 1
-            due = _opt_time(p.get("due_at"))
-            if due is not None:
-                self.due = due
-        elif kind == "defer":
-            f["ever_deferred"] = True
-            self.pause_start = at
-        elif kind == "resume":
-            self.end_pause(at)
-        elif kind == "summon":
-            self.summoned += [d for d in p.get("departments", []) if d not in self.summoned]
-        elif kind == "rework":
-            f["rework_count"] = f.get("rework_count", 0) + 1
-        elif kind in ("reopen", "uphold_resident_appeal"):
-            f["rework_count"] = f.get("rework_count", 0) + 1
-            f["reopens"] = f.get("reopens", 0) + 1
-            f["closed_at"] = None
-            f["satisfaction"] = None
-            f["resolution"] = None
-            self.new_round(at, _opt_time(p.get("due_at")), f.get("limit"))
+        f, p = self.f, ev.payload
+        f["version"] += 1
+        f["updated_at"] = ev.at
+        state = p.get("state")
+        if isinstance(state, str):
+            f["state"] = state
+        step = _STEPS.get(ev.type)
+        if step is not None:  # most events (accept, feedback, verify, …) only move the state
+            step(self, ev, f, p)
+
+    def _reported(self, ev: HistoryEvent, f: dict[str, Any], p: Mapping[str, Any]) -> None:
+        case = p.get("case") or {}
+        f["case_id"] = p.get("case_id", f.get("case_id"))
+        f["reported_at"] = _time(p.get("reported_at"), ev.at)
+        f["category"] = case.get("category")
+        f["location"] = case.get("location")
+        f["reporter_id"] = ev.actor_id
+        f["reporter_role"] = ev.actor_role
+
+    def _dispatch(self, ev: HistoryEvent, f: dict[str, Any], p: Mapping[str, Any]) -> None:
+        at = ev.at
+        decision = p.get("decision") or {}
+        f["lead"] = p.get("lead")
+        f["filed"] = True
+        self.assist = [d for d in decision.get("assist", []) if isinstance(d, str)]
+        self.summoned = [d for d in p.get("summoned", []) if isinstance(d, str)]
+        if ev.type == "resolve_on_spot":
+            f["on_spot"] = True
+            self.new_round(at, None, None)
+        else:
+            f["limit"] = decision.get("time_limit")
+            self.new_round(at, _opt_time(p.get("due_at")), f["limit"])
+        if self.handling_start is None:
             self.handling_start = at
             self.paused_handling = 0.0
-        elif kind == "close":
-            self.close(at, p)
-        elif kind == "evaluate":
-            answer = p.get("satisfaction")
-            f["satisfaction"] = answer if isinstance(answer, str) else None
-        if kind == "dispatch":
-            f["limit"] = (p.get("decision") or {}).get("time_limit")
+
+    def _file(self, ev: HistoryEvent, f: dict[str, Any], p: Mapping[str, Any]) -> None:
+        f["filed"] = True
+
+    def _cancel(self, ev: HistoryEvent, f: dict[str, Any], p: Mapping[str, Any]) -> None:
+        f["cancelled"] = True
+
+    def _return(self, ev: HistoryEvent, f: dict[str, Any], p: Mapping[str, Any]) -> None:
+        f["returns"] = f.get("returns", 0) + 1
+        f["lead"] = None
+
+    def _routing_appeal(self, ev: HistoryEvent, f: dict[str, Any], p: Mapping[str, Any]) -> None:
+        f["lead"] = None
+        ex = p.get("exemption") or {}
+        hours = ex.get("working_hours")
+        start, end = _opt_time(ex.get("from")), _opt_time(ex.get("to"))
+        if not isinstance(hours, int | float) and start is not None and end is not None:
+            hours = self.cal.working_hours_between(start, end)
+        if isinstance(hours, int | float) and hours > 0:
+            f["exempt_hours"] = f.get("exempt_hours", 0.0) + float(hours)
+
+    def _score_appeal(self, ev: HistoryEvent, f: dict[str, Any], p: Mapping[str, Any]) -> None:
+        ex = p.get("exemption") or {}
+        self.exempt += [c for c in _named_criteria(ex) if c not in self.exempt]
+        f["score_appeals"] = f.get("score_appeals", 0) + 1
+        f["score_appeal_reason"] = ex.get("reason") or ev.reason
+
+    def _extension(self, ev: HistoryEvent, f: dict[str, Any], p: Mapping[str, Any]) -> None:
+        f["extensions"] = f.get("extensions", 0) + 1
+        due = _opt_time(p.get("due_at"))
+        if due is not None:
+            self.due = due
+
+    def _defer(self, ev: HistoryEvent, f: dict[str, Any], p: Mapping[str, Any]) -> None:
+        f["ever_deferred"] = True
+        self.pause_start = ev.at
+
+    def _resume(self, ev: HistoryEvent, f: dict[str, Any], p: Mapping[str, Any]) -> None:
+        self.end_pause(ev.at)
+
+    def _summon(self, ev: HistoryEvent, f: dict[str, Any], p: Mapping[str, Any]) -> None:
+        self.summoned += [d for d in p.get("departments", []) if d not in self.summoned]
+
+    def _rework(self, ev: HistoryEvent, f: dict[str, Any], p: Mapping[str, Any]) -> None:
+        f["rework_count"] = f.get("rework_count", 0) + 1
+
+    def _reopen(self, ev: HistoryEvent, f: dict[str, Any], p: Mapping[str, Any]) -> None:
+        at = ev.at
+        f["rework_count"] = f.get("rework_count", 0) + 1
+        f["reopens"] = f.get("reopens", 0) + 1
+        f["closed_at"] = None
+        f["satisfaction"] = None
+        f["resolution"] = None
+        self.new_round(at, _opt_time(p.get("due_at")), f.get("limit"))
+        self.handling_start = at
+        self.paused_handling = 0.0
+
+    def _close(self, ev: HistoryEvent, f: dict[str, Any], p: Mapping[str, Any]) -> None:
+        self.close(ev.at, p)
+
+    def _evaluate(self, ev: HistoryEvent, f: dict[str, Any], p: Mapping[str, Any]) -> None:
+        answer = p.get("satisfaction")
+        f["satisfaction"] = answer if isinstance(answer, str) else None
 
     def end_pause(self, at: datetime) -> None:
         if self.pause_start is not None:
@@ -434,6 +454,28 @@ class _Fold:
             score_appeals=int(f.get("score_appeals", 0)),
             score_appeal_reason=f.get("score_appeal_reason"),
         )
+
+
+#: what each kind of event adds to the facts beyond its state (the others add nothing)
+_STEPS: dict[str, Callable[[_Fold, HistoryEvent, dict[str, Any], Mapping[str, Any]], None]] = {
+    "reported": _Fold._reported,
+    "dispatch": _Fold._dispatch,
+    "resolve_on_spot": _Fold._dispatch,
+    "file": _Fold._file,
+    "cancel": _Fold._cancel,
+    "return_case": _Fold._return,
+    "uphold_routing_appeal": _Fold._routing_appeal,
+    "uphold_score_appeal": _Fold._score_appeal,
+    "approve_extension": _Fold._extension,
+    "defer": _Fold._defer,
+    "resume": _Fold._resume,
+    "summon": _Fold._summon,
+    "rework": _Fold._rework,
+    "reopen": _Fold._reopen,
+    "uphold_resident_appeal": _Fold._reopen,
+    "close": _Fold._close,
+    "evaluate": _Fold._evaluate,
+}
 
 
 def case_facts(

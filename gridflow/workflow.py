@@ -256,7 +256,7 @@ _DEFAULT_TRIGGERS: tuple[TriggerSpec, ...] = (
        "返工 verification fails — back to the same department", needs_reason=True),
     _t("reopen", "closed evaluated", "handling", "resident duty_chief",
        "重新办理 reopen a closed case (resident not satisfied)", needs_reason=True),
-    _t("escalate", "reported filed dispatched handling deferred", None,
+    _t("escalate", "reported filed dispatched handling deferred handled", None,
        "system grid_chief liaison duty_chief dispatcher",
        "升级 move the case one tier up", needs_reason=True),
     _t("summon", "dispatched handling", None, "liaison duty_chief",

@@ -562,6 +562,20 @@ def test_escalation_by_a_person(engine: Engine) -> None:
     assert snapshot(engine, cid) == before
 
 
+def test_escalation_while_the_feedback_waits_for_verification(engine: Engine) -> None:
+    """BRIEF §4: escalation at any open step, so also between feedback and verification
+    (the verifier finds the fix needs a higher tier); the case stays handled, the timers
+    stay off (the time limit stopped at feedback), verification goes on as before."""
+    cid = to_state(engine, "handled", "01-goods-on-sidewalk")
+    before = engine.get(cid)
+    view = engine.escalate(cid, GRID_CHIEF, "the stall keeps coming back: community please")
+    assert view.state == "handled" and view.tier == "community" != before.tier
+    assert view.escalations[-1]["by"] == GRID_CHIEF.id
+    assert view.due_at == before.due_at  # the stopped time limit is not re-armed
+    assert engine.verify(cid, SUPERVISOR).state == "verified"
+    assert_consistent(engine, cid)
+
+
 def test_summon_at_street_tier(engine: Engine) -> None:
     cid = to_state(engine, "dispatched", "11-bulky-waste")
     assert engine.get(cid).tier == "street"

@@ -192,6 +192,7 @@ CASES: list[tuple[str, str, str, str | type[Exception]]] = [
     ("evaluated", "reopen", "duty_chief", "handling"),
     ("reported", "escalate", "grid_chief", "reported"),
     ("deferred", "escalate", "system", "deferred"),
+    ("handled", "escalate", "grid_chief", "handled"),
     ("handling", "summon", "liaison", "handling"),
     ("dispatched", "warn", "system", "dispatched"),
     ("deferred", "mark_overdue", "system", "deferred"),
