@@ -38,6 +38,7 @@ Op = Literal["eq", "ne", "in", "not_in", "lt", "lte", "gt", "gte", "prefix", "co
 CATEGORY = "category"
 DESCRIPTION = "description"
 ADDRESS = "address"
+REPORTER = "reporter"
 CHANNEL = "channel"
 URGENCY = "urgency"
 TIME_FIELDS = {
@@ -265,6 +266,16 @@ class _Lowerer:
                     ("eq", "contains", "contains_any", "prefix", "regex"),
                     scalar_op="contains",
                     list_op="contains_any",  # type: ignore[arg-type]
+                )
+            )
+        if when.reporter is not None:
+            add(
+                self.field(
+                    (*path, "reporter"),
+                    REPORTER,
+                    "reporter",
+                    when.reporter,
+                    ("eq", "ne", "in", "not_in", "prefix", "contains", "regex"),
                 )
             )
         if when.channel is not None:

@@ -41,7 +41,15 @@ from typing import Any, Literal
 from gridflow.calendar import parse_duration
 from gridflow.clock import ManualClock
 from gridflow.compiler import category_scope
-from gridflow.conditions import ADDRESS, CATEGORY, CHANNEL, DESCRIPTION, TIME_FIELDS, tests_of
+from gridflow.conditions import (
+    ADDRESS,
+    CATEGORY,
+    CHANNEL,
+    DESCRIPTION,
+    REPORTER,
+    TIME_FIELDS,
+    tests_of,
+)
 from gridflow.engine import SUPERVISED_STATES, Actor, CaseView, Engine
 from gridflow.errors import CalendarRangeError, GridflowError, GridflowRuntimeError
 from gridflow.history import History, HistorySpec
@@ -135,6 +143,7 @@ class _Seen:
     time: tuple[str, ...]  # the local-time fields tested (t_hour, t_working, ...)
     description: bool  # the description itself is tested (not only by text tests)
     address: bool  # the address is tested (by any test)
+    reporter: bool  # the reporter is tested (by any test)
     history: bool  # a history condition is tested
 
 
@@ -182,6 +191,7 @@ class _Relevance:
             time=tuple(sorted(fields & time_fields)),
             description=DESCRIPTION in fields,
             address=ADDRESS in fields,
+            reporter=REPORTER in fields,
             history=any(HistorySpec.of_field(f) is not None for f in fields),
         )
         return found
@@ -265,6 +275,8 @@ class RouteMemo:
             parts.append(self._time_key(case.reported_at, seen.time))
         if seen.address:
             parts.append(case.address)
+        if seen.reporter:
+            parts.append(case.reporter)
         if seen.description:
             parts.append(normalise_description(case.description))
         elif seen.texts:

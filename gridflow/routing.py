@@ -17,6 +17,7 @@ from gridflow.conditions import (
     CATEGORY,
     CHANNEL,
     DESCRIPTION,
+    REPORTER,
     TIME_FIELDS,
     URGENCY,
     AllOf,
@@ -261,6 +262,8 @@ def case_fact(reg: Registry, calendar: BusinessCalendar, case: CaseIn) -> dict[s
     }
     if case.address is not None:
         fact[ADDRESS] = normalise_description(case.address)
+    if case.reporter is not None:
+        fact[REPORTER] = case.reporter
     ancestry = reg.units[case.location].ancestry
     for i, level in enumerate(reg.levels):
         if level in ancestry:

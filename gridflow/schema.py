@@ -268,6 +268,9 @@ class When(Strict):
     address: str | list[str] | Match | None = Field(
         None, description="a string: contains it; a list: contains any of them"
     )
+    reporter: str | list[str] | Match | None = Field(
+        None, description="a string: equals it; a list: one of them"
+    )
     channel: FieldCond | None = None
     urgency: FieldCond | None = None
     location: dict[Ident, Ident | list[Ident]] | None = Field(

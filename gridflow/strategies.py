@@ -14,9 +14,9 @@ import this module).
 
 Every drawn case passes :meth:`Policy.validate_case`: known categories, units and
 channels, declared attributes with their types and allowed values. Descriptions (and
-addresses, when drawn) often contain the words the policy's rules look for, so the text
-rules fire; times fall on days the policy's calendar covers, working hours and holidays
-included.
+addresses and reporters, when drawn) often contain the words the policy's rules look
+for, so the text rules fire; times fall on days the policy's calendar covers, working
+hours and holidays included.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "gridflow.strategies needs hypothesis: pip install 'gridflow[testing]'"
     ) from exc
 
-from gridflow.conditions import ADDRESS, DESCRIPTION, tests_of
+from gridflow.conditions import ADDRESS, DESCRIPTION, REPORTER, tests_of
 from gridflow.importer import LogRecord
 from gridflow.policy import Policy
 from gridflow.schema import CaseIn
@@ -40,15 +40,17 @@ __all__ = ["case_ins", "cases", "log_records", "reported_times"]
 
 _FILLER = ["群众反映", "路口", "小区", "楼下", "请处理", "x", "1", " "]
 _ADDRESS_FILLER = ["景荣小区", "1号楼", "蓝天路", "3单元", " "]
+_REPORTER_FILLER = ["gw-", "12345-", "居民", "0", "1"]
 
 
 def _words(policy: Policy, field: str = DESCRIPTION) -> list[str]:
-    """The texts the policy's rules look for in ``field`` (contains and prefix tests)."""
+    """The texts the policy's rules look for in ``field`` (eq, in, contains and prefix
+    tests)."""
     out: list[str] = []
     for table in policy.router.rules:
         for rule in table:
             for t in tests_of(rule.cond):
-                if t.field == field and t.op in ("contains", "prefix", "eq"):
+                if t.field == field and t.op in ("contains", "prefix", "eq", "in"):
                     values = t.value if isinstance(t.value, list | tuple) else [t.value]
                     out.extend(str(v) for v in values if str(v) not in out)
     return out
@@ -91,8 +93,14 @@ def cases(policy: Policy, *, with_time: bool = True, start: date | None = None,
     words = _words(policy) or ["问题"]
     description = st.lists(st.sampled_from(words + _FILLER), max_size=5).map("".join)
     address_words = _words(policy, ADDRESS) + _ADDRESS_FILLER
+    reporter_words = _words(policy, REPORTER) + _REPORTER_FILLER
     optional: dict[str, st.SearchStrategy[Any]] = {
         "address": st.lists(st.sampled_from(address_words), min_size=1, max_size=3).map("".join),
+        # the rules' own reporters, or made of their prefixes and some filler
+        "reporter": st.one_of(
+            st.sampled_from(reporter_words),
+            st.lists(st.sampled_from(reporter_words), min_size=1, max_size=2).map("".join),
+        ),
         "urgency": st.sampled_from(["normal", "urgent", "emergency"]),
         "attributes": st.fixed_dictionaries(
             {}, optional={name: _attribute(policy, name) for name in sorted(reg.attributes)}

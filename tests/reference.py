@@ -111,6 +111,9 @@ def matches(when: When, policy: Policy, case: CaseIn, kind: Kind = None) -> bool
         when.address, address, scalar="contains", listed="contains_any"
     ):
         return False
+    reporter = MISSING if case.reporter is None else case.reporter
+    if when.reporter is not None and not _field(when.reporter, reporter):
+        return False
     if when.channel is not None and not _field(when.channel, case.channel):
         return False
     urgency = case.urgency or reg.categories[case.category].urgency

@@ -169,6 +169,26 @@ def _address() -> st.SearchStrategy[Any]:
     )
 
 
+REPORTERS = ["gw-chen", "gw-li", "12345-0031", "人大代表 王芳"]
+
+
+def reporters() -> st.SearchStrategy[str]:
+    return st.one_of(st.sampled_from(REPORTERS), st.sampled_from(["gw-", "12345-"]).flatmap(
+        lambda p: st.sampled_from(["0", "chen", "99"]).map(lambda s: p + s)))
+
+
+def _reporter() -> st.SearchStrategy[Any]:
+    return st.one_of(
+        st.sampled_from(REPORTERS),
+        st.lists(st.sampled_from(REPORTERS), min_size=1, max_size=2, unique=True),
+        st.builds(lambda p: {"prefix": p}, st.sampled_from(["gw-", "12345-"])),
+        st.builds(lambda r: {"ne": r}, st.sampled_from(REPORTERS)),
+        st.builds(lambda r: {"not_in": [r]}, st.sampled_from(REPORTERS)),
+        st.builds(lambda c: {"contains": c}, st.sampled_from(["chen", "人大代表", "0"])),
+        st.builds(lambda r: {"regex": r}, regexes()),
+    )
+
+
 def _attributes() -> st.SearchStrategy[dict[str, Any]]:
     return st.fixed_dictionaries(
         {},
@@ -210,6 +230,7 @@ def _when_fields() -> st.SearchStrategy[dict[str, Any]]:
             "category": _category(),
             "description": _description(),
             "address": _address(),
+            "reporter": _reporter(),
             "channel": st.one_of(
                 st.sampled_from(CHANNELS),
                 st.lists(st.sampled_from(CHANNELS), min_size=1, max_size=2, unique=True),
@@ -297,6 +318,8 @@ def cases(draw: st.DrawFn) -> dict[str, Any]:
         case["reported_at"] = draw(st.sampled_from(TIMES)).isoformat()
     if draw(st.booleans()):
         case["address"] = draw(addresses())
+    if draw(st.booleans()):
+        case["reporter"] = draw(reporters())
     case["attributes"] = draw(
         st.fixed_dictionaries(
             {},

@@ -88,8 +88,39 @@ def test_routing_replay_equals_route_on_generated_policies(
         # the same cases at other addresses: keys that differ only there
         validated += [c.model_copy(update={"address": a}) for c in validated[:3]
                       for a in (None, "景荣小区1号楼", "蓝天路")]
+        # … and by other reporters
+        validated += [c.model_copy(update={"reporter": r}) for c in validated[:3]
+                      for r in (None, "gw-chen", "12345-0031")]
         for case in validated + validated[::-1]:  # the second pass hits the memo
             _same_as_route(compiled, memo, case)
+
+
+def test_the_memo_keys_on_the_address_and_the_reporter(tmp_path: Path) -> None:
+    """Cases that differ only in the address or the reporter route apart when a rule
+    tests them (the generated policies above draw such rules only now and then)."""
+    rules = [
+        {"id": "hotline", "when": {"reporter": {"prefix": "12345-"}},
+         "then": {"lead": "urban-mgmt"}},
+        {"id": "jingrong", "when": {"address": "景荣小区"}, "then": {"lead": "grid-team"}},
+        {"id": "deputy", "when": {"reporter": ["人大代表 王芳"]}, "then": {"lead": "sanitation"}},
+    ]
+    doc = {"policy": {"name": "memo-keys"}, "organisation": gs.ORGANISATION,
+           "departments": gs.DEPARTMENTS, "categories": gs.CATEGORIES,
+           "routing": {"default": {"lead": "centre", "time_limit": "1wd"},
+                       "tables": [{"id": "t", "hit": "first", "rules": rules}]}}
+    (tmp_path / "policy.yaml").write_text(json.dumps(doc, ensure_ascii=False), "utf-8")
+    policy = load_policy(tmp_path, strict=False)
+    memo = RouteMemo(policy)
+    leads = set()
+    for _ in range(2):  # the second round is served from the memo
+        for reporter in (None, "12345-0031", "gw-chen", "人大代表 王芳"):
+            for address in (None, "景荣小区1号楼", "蓝天路"):
+                case = policy.validate_case({"category": "E01-10", "location": "g1",
+                                             "reporter": reporter, "address": address})
+                _same_as_route(policy, memo, case)
+                leads.add(memo.route(case).lead)
+    assert leads == {"urban-mgmt", "grid-team", "sanitation", "centre"}
+    assert memo.misses == 12 and memo.hits > 0
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -352,3 +352,64 @@ def test_an_address_condition_takes_text_operators_only(tmp_path: Path) -> None:
     with pytest.raises(DefinitionError, match=r"operator 'gte' is not allowed on address "
                        r"\(allowed: eq, contains, contains_any, prefix, regex\)"):
         _load(content, tmp_path)
+
+
+# --- conditions on the reporter ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def by_reporter(tmp_path_factory: pytest.TempPathFactory) -> Policy:
+    """First-hit rules on who reported the case: a deputy's name, a list of grid workers,
+    the hotline's operator ids, anyone but the video robot, one resident exactly."""
+    rules = [
+        ("deputy", {"reporter": {"contains": "人大代表"}}, "community-office"),
+        ("listed", {"reporter": ["gw-chen", "gw-li"]}, "grid-team"),
+        ("hotline", {"category": "E04-06", "reporter": {"prefix": "12345-"}}, "urban-mgmt"),
+        ("not-robot", {"category": "S01-01", "reporter": {"ne": "video-ai"}}, "civil-affairs"),
+        ("numbered", {"reporter": {"regex": "^gw-[0-9]+$"}}, "sanitation"),
+        ("exact", {"reporter": "居民 盧根银"}, "sanitation"),
+    ]
+    content = _policy("by-reporter", [{"id": "main", "hit": "first", "rules": [
+        {"id": rid, "when": when, "then": {"lead": lead}} for rid, when, lead in rules
+    ]}])
+    return _load(content, tmp_path_factory.mktemp("by-reporter"))
+
+
+@pytest.mark.parametrize(
+    ("category", "reporter", "rule"),
+    [
+        ("E01-10", "人大代表 王芳", "deputy"),
+        ("E01-10", "gw-chen", "listed"),
+        ("E01-10", "gw-chen2", "default"),  # a list is 'one of', not a prefix
+        ("E04-06", "12345-0031", "hotline"),
+        ("E01-10", "12345-0031", "default"),  # the hotline rule is for E04-06 only
+        ("E04-06", "x12345-0031", "default"),  # prefix: at the start only
+        ("S01-01", "gw-wang", "not-robot"),
+        ("S01-01", "video-ai", "default"),
+        ("S01-01", None, "default"),  # no reporter: no reporter condition holds, not even ne
+        ("E01-10", "gw-0042", "numbered"),
+        ("E01-10", "gw-0042a", "default"),
+        ("E01-10", "居民 盧根银", "exact"),
+        ("E01-10", "居民  盧根银", "default"),  # an identity: compared as written
+    ],
+)
+def test_rules_test_the_reporter(
+    by_reporter: Policy, category: str, reporter: str | None, rule: str
+) -> None:
+    case = {"category": category, "location": "g1", "description": "群众反映"}
+    if reporter is not None:
+        case["reporter"] = reporter
+    d = by_reporter.route(case)
+    assert d.rule == rule
+    if rule != "default":
+        (condition,) = [c for c in d.hits[0].conditions if "reporter" in c.condition]
+        assert condition.seen == reporter
+
+
+def test_a_reporter_condition_names_its_operators(tmp_path: Path) -> None:
+    content = _policy("bad", [{"id": "t", "hit": "first", "rules": [
+        {"id": "r", "when": {"reporter": {"contains_any": ["a"]}}, "then": {"lead": "centre"}},
+    ]}])
+    with pytest.raises(DefinitionError, match=r"operator 'contains_any' is not allowed on "
+                       r"reporter \(allowed: eq, ne, in, not_in, prefix, contains, regex\)"):
+        _load(content, tmp_path)
