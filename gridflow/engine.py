@@ -767,6 +767,36 @@ class Engine:
 
         return self._run(case_id, actor, "claim", None, effect)
 
+    def reassign(
+        self, case_id: str, actor: Actor, reason: str, *,
+        handler: str | None = None, pool: str | None = None,
+    ) -> CaseView:
+        """改派: before anyone accepts it, give the dispatched case to another named
+        ``handler`` or ``pool`` of the same lead department, or (neither) to the department
+        as a whole. The department, deadline and timers stay; to change the department,
+        return the case or dispatch it again with an override."""
+
+        def effect(c: _Ctx) -> tuple[dict[str, Any], list[NewEvent]]:
+            lead = c.proj["lead"]
+            info = c.policy.registry.departments[lead]
+            if handler is not None and pool is not None:
+                raise _invalid("handler", "give a handler or a pool, not both")
+            if handler is not None and handler not in info.handlers:
+                known = ", ".join(info.handlers) or "none"
+                raise _invalid("handler", f"{handler!r} is not a handler of department "
+                                          f"'{lead}' (handlers: {known})")
+            if pool is not None and pool not in info.pools:
+                known = ", ".join(info.pools) or "none"
+                raise _invalid("pool", f"{pool!r} is not a pool of department '{lead}' "
+                                       f"(pools: {known})")
+            before = (c.proj["handler"], c.proj["pool"])
+            if (handler, pool) == before:
+                raise c.refuse("the case is already assigned that way")
+            return {"handler": handler, "pool": pool,
+                    "from_handler": before[0], "from_pool": before[1]}, []
+
+        return self._run(case_id, actor, "reassign", reason, effect)
+
     def return_case(self, case_id: str, actor: Actor, reason: str) -> CaseView:
         """回退: misrouted — back to ``filed`` for re-dispatch without this department.
         Returned by ``escalate_after_returns`` distinct departments → one tier up."""

@@ -170,6 +170,11 @@ def _take(s: dict[str, Any], e: EventLike, p: Mapping[str, Any], at: str) -> Non
     s["handler"] = e.actor_id
 
 
+def _reassign(s: dict[str, Any], e: EventLike, p: Mapping[str, Any], at: str) -> None:
+    s["handler"] = p.get("handler")
+    s["pool"] = p.get("pool")
+
+
 def _feedback(s: dict[str, Any], e: EventLike, p: Mapping[str, Any], at: str) -> None:
     s["evidence"] = [*s["evidence"], *p.get("evidence", [])]
 
@@ -319,6 +324,7 @@ _HANDLERS: dict[str, Any] = {
     "dispatch": _dispatch,
     "accept": _take,
     "claim": _take,
+    "reassign": _reassign,
     "feedback": _feedback,
     "verify": _verify,
     "close": _close,

@@ -403,6 +403,51 @@ def test_a_named_handler_goes_with_an_override_or_a_return(engine: Engine) -> No
     assert_consistent(engine, cid)
 
 
+def test_a_dispatched_case_is_reassigned_before_anyone_accepts_it(engine: Engine) -> None:
+    """改派: the duty chief gives the duty officer's case to the community officer (same
+    department, deadline and timers); bad requests are refused and change nothing; once
+    accepted, the case is no longer reassigned."""
+    cid = to_state(engine, "filed", "09-missing-person")
+    dispatched = engine.dispatch(cid, DISPATCHER)
+    before = snapshot(engine, cid)
+    bad: list[tuple[Any, type[Exception], str]] = [
+        (lambda: engine.reassign(cid, DUTY_CHIEF, "busy", handler="nobody"),
+         CaseValidationError, "handlers: duty-officer, community-officer"),
+        (lambda: engine.reassign(cid, DUTY_CHIEF, "busy", pool="patrol"),
+         CaseValidationError, "not a pool of department 'police-station' .pools: none."),
+        (lambda: engine.reassign(cid, DUTY_CHIEF, "busy", handler="community-officer",
+                                 pool="patrol"), CaseValidationError, "not both"),
+        (lambda: engine.reassign(cid, DUTY_CHIEF, "", handler="community-officer"),
+         CaseValidationError, "reason"),
+        (lambda: engine.reassign(cid, POLICE, "busy", handler="community-officer"),
+         RoleNotAllowed, "reassign"),
+        (lambda: engine.reassign(cid, DUTY_CHIEF, "busy", handler="duty-officer"),
+         TransitionNotAllowed, "already assigned"),
+    ]
+    for call, error, message in bad:
+        with pytest.raises(error, match=message):
+            call()
+        assert snapshot(engine, cid) == before
+    view = engine.reassign(cid, DUTY_CHIEF, "the duty officer is at a traffic accident",
+                           handler="community-officer")
+    assert (view.state, view.lead, view.handler) == ("dispatched", "police-station",
+                                                     "community-officer")
+    assert view.due_at == dispatched.due_at and view.tier == dispatched.tier
+    event = engine.history(cid)[-1]
+    assert (event.type, event.payload["from_handler"]) == ("reassign", "duty-officer")
+    assert [c.id for c in engine.worklist(handler="community-officer")] == [cid]
+    assert engine.worklist(handler="duty-officer") == []
+    with pytest.raises(TransitionNotAllowed, match="assigned to handler 'community-officer'"):
+        engine.accept(cid, Actor("duty-officer", "handler", department="police-station"))
+    # to the department as a whole: any officer of the station accepts it
+    assert engine.reassign(cid, DISPATCHER, "whoever is free", handler=None).handler is None
+    view = engine.accept(cid, POLICE)
+    assert (view.state, view.handler) == ("handling", POLICE.id)
+    with pytest.raises(TransitionNotAllowed):
+        engine.reassign(cid, DUTY_CHIEF, "too late", handler="duty-officer")
+    assert_consistent(engine, cid)
+
+
 def test_claim_race_raises_concurrency_conflict(
     engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:

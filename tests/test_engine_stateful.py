@@ -44,6 +44,7 @@ COMMANDS: dict[str, Command] = {
     "dispatch": lambda e, c, a, r: e.dispatch(c, a),
     "accept": lambda e, c, a, r: e.accept(c, a),
     "claim": lambda e, c, a, r: e.claim(c, a),
+    "reassign": lambda e, c, a, r: e.reassign(c, a, r, handler=None),  # type: ignore[arg-type]
     "return_case": lambda e, c, a, r: e.return_case(c, a, r),  # type: ignore[arg-type]
     "request_extension": lambda e, c, a, r: e.request_extension(c, a, r, "1wd"),  # type: ignore[arg-type]
     "approve_extension": lambda e, c, a, r: e.approve_extension(c, a),
@@ -173,6 +174,8 @@ class EngineMachine(RuleBasedStateMachine):
             if view.state in OPEN_DISPATCHED:
                 assert isinstance(view.lead, str) and view.lead in registry.departments
                 assert view.lead not in view.summoned
+            if view.state == "dispatched" and view.handler is not None:  # named, not accepted
+                assert view.handler in registry.departments[view.lead].handlers
             if view.due_at is not None and view.dispatched_at is not None:
                 assert view.due_at >= view.dispatched_at
             verified = False

@@ -223,8 +223,8 @@ def _hand_driven(policy: Policy, records: list[LogRecord]) -> Engine:
                 assert view is not None
                 if view.pool is not None:
                     engine.claim(cid, cast.actor("claim", lead))
-                else:
-                    engine.accept(cid, cast.actor("accept", lead))
+                else:  # as the handler a rule named, if any (who alone may accept)
+                    engine.accept(cid, cast.actor("accept", lead, named=view.handler))
             elif what == "extend":
                 engine.request_extension(cid, cast.actor("request_extension", lead),
                                          f"extension in the log ({row})", rec.extension or "1wd")

@@ -120,6 +120,7 @@ def test_reason_required_on_the_documented_triggers() -> None:
     needs = {t.name for t in GRAPH.triggers if t.needs_reason}
     assert needs == {
         "cancel",
+        "reassign",
         "return_case",
         "request_extension",
         "defer",
@@ -193,6 +194,7 @@ CASES: list[tuple[str, str, str, str | type[Exception]]] = [
     ("reported", "escalate", "grid_chief", "reported"),
     ("deferred", "escalate", "system", "deferred"),
     ("handled", "escalate", "grid_chief", "handled"),
+    ("dispatched", "reassign", "duty_chief", "dispatched"),
     ("handling", "summon", "liaison", "handling"),
     ("dispatched", "warn", "system", "dispatched"),
     ("deferred", "mark_overdue", "system", "deferred"),
@@ -213,6 +215,7 @@ CASES: list[tuple[str, str, str, str | type[Exception]]] = [
     ("cancelled", "file", "clerk", TransitionNotAllowed),
     ("verified", "rework", "supervisor", TransitionNotAllowed),
     ("evaluated", "escalate", "system", TransitionNotAllowed),
+    ("handling", "reassign", "dispatcher", TransitionNotAllowed),
     ("closed", "appeal_score", "handler", TransitionNotAllowed),
     ("filed", "reject_appeal", "reviewer", TransitionNotAllowed),
     ("handled", "resolve_on_spot", "grid_worker", TransitionNotAllowed),
