@@ -113,13 +113,16 @@ def _unpack(zones: list[Any], packed: list[tuple[Any, ...]]) -> list[LogRecord]:
 def tuned_gc() -> Iterator[None]:
     """Garbage-collector settings for a process while it replays (a worker, the CLI):
     what is loaded so far is frozen out of the collections, and young objects are
-    collected every 20,000 allocations instead of 700 — a batch keeps ~100,000 objects
-    alive, and the default thresholds spend ~10% of a replay scanning them (measured with
-    gc.callbacks). The previous settings come back afterwards."""
+    collected after 500,000 net allocations instead of 700. A batch of 20,000 commands
+    keeps ~150,000 objects alive until its commit and makes almost no cyclic garbage
+    (~0.1 object per case); below that size every young collection scanned the batch
+    again (measured with gc.callbacks: ~10% of a replay at 700, ~4% at 20,000, 0.15% at
+    500,000, peak memory unchanged). Above it, the collector runs only when memory
+    really grows. The previous settings come back afterwards."""
     before = gc.get_threshold()
     gc.collect()
     gc.freeze()
-    gc.set_threshold(20_000, 10, 10)
+    gc.set_threshold(500_000, 10, 10)
     try:
         yield
     finally:

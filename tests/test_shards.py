@@ -192,10 +192,41 @@ def test_absorb_copies_nothing_when_a_case_is_already_there(
 def test_tuned_gc_restores_the_collector_settings() -> None:
     before = gc.get_threshold()
     with tuned_gc():
-        assert gc.get_threshold()[0] == 20_000
+        assert gc.get_threshold() != before
         assert gc.get_freeze_count() > 0
     assert gc.get_threshold() == before
     assert gc.get_freeze_count() == 0
+
+
+def test_tuned_gc_does_not_rescan_a_replay_batch(records: list[LogRecord]) -> None:
+    """What the thresholds are for: the objects a batch keeps alive until its commit are
+    not scanned by young collections over and over (the default thresholds ran dozens)."""
+    young: list[int] = []
+    replaying = [False]
+
+    def count(phase: str, info: dict[str, int]) -> None:
+        if replaying[0] and phase == "start" and info["generation"] < 2:
+            young.append(info["generation"])
+
+    def replay_all() -> int:
+        young.clear()
+        replaying[0] = True
+        run = LifecycleReplay(WUJIN, batch_size=5_000)
+        for rec in records:
+            run.feed(rec)
+        run.finish()
+        replaying[0] = False
+        run.store.dispose()
+        return len(young)
+
+    gc.callbacks.append(count)
+    try:
+        untuned = replay_all()
+        with tuned_gc():
+            tuned = replay_all()
+    finally:
+        gc.callbacks.remove(count)
+    assert untuned > 20 and tuned == 0
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="pipe sizes are set on Linux only")
