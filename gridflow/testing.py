@@ -1,7 +1,10 @@
 """pytest plugin: fixtures for testing policies and hosts that embed gridflow.
 
 Registered through the ``pytest11`` entry point, so installing gridflow makes the
-fixtures available in any test suite.
+fixtures available in any test suite. The policy the fixtures use by default is the
+``gridflow_policy`` ini setting (or ``--gridflow-policy DIR``): a rule-file directory,
+relative to the directory of the pytest configuration file; without one, the example
+district of a source checkout.
 """
 
 from __future__ import annotations
@@ -29,8 +32,33 @@ __all__ = [
     "gridflow_replay",
 ]
 
-#: The policy the ``gridflow_engine`` fixture uses (the example district of the repository).
+#: The policy the fixtures use when none is configured (the repository's example district).
 EXAMPLE_POLICY = Path(__file__).resolve().parent.parent / "examples" / "wujin"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    help_text = ("directory of the rule files the gridflow fixtures load by default "
+                 "(gridflow_policy, gridflow_engine)")
+    parser.addini("gridflow_policy", help_text + "; relative to the configuration file")
+    parser.addoption("--gridflow-policy", metavar="DIR", help=help_text)
+
+
+def _configured_policy(config: pytest.Config) -> Path:
+    """The option, else the ini setting, else the example district (if it is there)."""
+    given = config.getoption("--gridflow-policy")
+    if given:
+        return Path(given)
+    ini = config.getini("gridflow_policy")
+    if ini:
+        base = config.inipath.parent if config.inipath is not None else config.rootpath
+        return base / str(ini)
+    if EXAMPLE_POLICY.is_dir():
+        return EXAMPLE_POLICY
+    raise pytest.UsageError(
+        "the gridflow fixtures need a policy: set 'gridflow_policy = <rule-file directory>' "
+        "in your pytest configuration, pass --gridflow-policy DIR, or give "
+        "gridflow_engine_factory a directory"
+    )
 
 
 @pytest.fixture
@@ -55,16 +83,18 @@ def gridflow_clock() -> ManualClock:
 
 @pytest.fixture
 def gridflow_engine_factory(
+    request: pytest.FixtureRequest,
     gridflow_clock: ManualClock,
     gridflow_policy_loader: Callable[[str | Path], Policy],
 ) -> Iterator[Callable[..., Engine]]:
     """Build engines on private in-memory SQLite stores that share ``gridflow_clock``:
-    ``factory(policy_dir_or_policy=None, **engine_kwargs)``."""
+    ``factory(policy_dir_or_policy=None, **engine_kwargs)`` (``None``: the configured
+    policy)."""
     made: list[Engine] = []
 
     def make(policy: str | Path | Policy | None = None, **kwargs: Any) -> Engine:
         if policy is None:
-            policy = EXAMPLE_POLICY
+            policy = _configured_policy(request.config)
         loaded = policy if isinstance(policy, Policy) else gridflow_policy_loader(policy)
         kwargs.setdefault("clock", gridflow_clock)
         engine = Engine(loaded, **kwargs)
@@ -79,14 +109,18 @@ def gridflow_engine_factory(
 @pytest.fixture
 def gridflow_engine(gridflow_engine_factory: Callable[..., Engine]) -> Engine:
     """An :class:`Engine` on in-memory SQLite with ``gridflow_clock`` (a ManualClock) and
-    the example district policy (examples/wujin, when running from a source checkout)."""
+    the configured policy (``gridflow_policy`` setting; default: the example district of
+    a source checkout)."""
     return gridflow_engine_factory()
 
 
 @pytest.fixture
-def gridflow_policy(gridflow_policy_loader: Callable[[str | Path], Policy]) -> Policy:
-    """The example district policy (examples/wujin, when running from a source checkout)."""
-    return gridflow_policy_loader(EXAMPLE_POLICY)
+def gridflow_policy(
+    request: pytest.FixtureRequest, gridflow_policy_loader: Callable[[str | Path], Policy]
+) -> Policy:
+    """The configured policy (``gridflow_policy`` setting or ``--gridflow-policy``;
+    default: the example district of a source checkout)."""
+    return gridflow_policy_loader(_configured_policy(request.config))
 
 
 @pytest.fixture

@@ -3,7 +3,8 @@
 Installing gridflow registers the plugin (fixtures ``gridflow_policy``, ``gridflow_engine``,
 ``gridflow_clock``, ``gridflow_replay``, ``gridflow_case_strategy``, ...). Run it with
 ``pytest examples/harness`` from a source checkout (the fixtures default to the example
-district, examples/wujin). See docs/testing.md.
+district, examples/wujin; a host sets ``gridflow_policy = <its rules>`` in its pytest
+configuration). See docs/testing.md.
 """
 
 from __future__ import annotations
