@@ -1211,10 +1211,10 @@ def replay(
     SQLite; the compared policy always runs in memory). ``progress`` is called with the
     number of records read, every 1,000 records. ``jobs`` > 1 runs each life-cycle
     replay over that many worker processes (:mod:`gridflow.shards`; same report; ``store``
-    must then not hold any of the log's case ids) — except for a policy with history
-    conditions, whose counts need every case in one store: it runs in this process.
+    must then not hold any of the log's case ids) — except where shards cannot keep a
+    policy's history counts (:func:`gridflow.shards.shardable`): then in this process.
     """
-    from gridflow.shards import ShardedLifecycleReplay  # builds on this module
+    from gridflow.shards import ShardedLifecycleReplay, shardable  # builds on this module
 
     if not isinstance(jobs, int) or jobs < 1:
         raise ValueError("jobs must be a positive integer")
@@ -1236,7 +1236,7 @@ def replay(
             (lambda o: cmp_cases.offer(o.case_id, o.row, side, o.to_dict()))
             if cmp_cases is not None else None
         )
-        if jobs > 1 and not p.router.history_specs:  # history counts need every case
+        if jobs > 1 and shardable(p, into):
             return ShardedLifecycleReplay(p, into, jobs=jobs, until=until, on_outcome=outcome)
         return LifecycleReplay(p, into, until=until, on_outcome=outcome)
 

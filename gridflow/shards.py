@@ -1,10 +1,13 @@
 """The life-cycle replay over several processes (``gridflow replay --jobs N``).
 
-Cases do not touch each other in the engine: routing reads the case itself, deadlines
+Cases do not touch each other in the engine: routing reads the case itself (and, with
+history conditions, the earlier cases that share the fields they compare), deadlines
 the calendar, supervision fires the case's own timers (at their due time or, when armed
 late, at the time of the command that armed them), and the replay admits a record by
 comparing it with the previous record of the log only. So the records are split by a
-stable hash of the case id over shards, each replayed by a
+stable hash of the case id — under history conditions, of the values they all compare
+(:func:`history_key`), so that cases counting each other meet in one shard — over
+shards, each replayed by a
 :class:`~gridflow.replay.LifecycleReplay` on a store of its own; their counts are integer
 sums. The first shard is replayed in this process (no interpreter to start, no records
 to pickle), straight into the target store when it holds no case yet; the others by
@@ -37,6 +40,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from gridflow.errors import GridflowRuntimeError
+from gridflow.history import HISTORY_FIELDS
 from gridflow.importer import LogRecord
 from gridflow.loader import load_policy
 from gridflow.policy import Policy
@@ -45,7 +49,14 @@ from gridflow.schema import CaseIn
 from gridflow.store import Store
 from gridflow.store.transfer import absorb
 
-__all__ = ["ReplayWorkerError", "ShardedLifecycleReplay", "shard_of", "tuned_gc"]
+__all__ = [
+    "ReplayWorkerError",
+    "ShardedLifecycleReplay",
+    "history_key",
+    "shard_of",
+    "shardable",
+    "tuned_gc",
+]
 
 _CASE_FIELDS = tuple(CaseIn.model_fields)
 _CASE_TIMES = frozenset(n for n in _CASE_FIELDS if n.endswith("_at"))
@@ -207,6 +218,39 @@ def _serve(conn: _Pipe, run: LifecycleReplay, store: Store | None,
             return
 
 
+def history_key(policy: Policy) -> tuple[str, ...]:
+    """The case fields every history condition of ``policy`` compares (``same``), in
+    ``HISTORY_FIELDS`` order; ``()`` without history conditions. Cases that count each
+    other agree on these fields, so sharding by them keeps every count inside a shard.
+    ``ValueError`` when the conditions share no field (no sharding keeps their counts)."""
+    specs = policy.router.history_specs
+    if not specs:
+        return ()
+    common = set(HISTORY_FIELDS)
+    for spec in specs:
+        common &= set(spec.same)
+    if not common:
+        sames = "; ".join("+".join(spec.same) for spec in specs)
+        raise ValueError(
+            f"the policy's history conditions compare no field in common ({sames}): a "
+            "sharded replay cannot keep their counts inside a shard (use LifecycleReplay)"
+        )
+    return tuple(name for name in HISTORY_FIELDS if name in common)
+
+
+def shardable(policy: Policy, store: Store | None) -> bool:
+    """Whether a sharded replay of ``policy`` into ``store`` counts what a one-process
+    replay counts: yes without history conditions; with them, when they compare a field
+    in common (:func:`history_key`) and ``store`` holds no case yet."""
+    if not policy.router.history_specs:
+        return True
+    try:
+        history_key(policy)
+    except ValueError:
+        return False
+    return store is None or _empty(store)
+
+
 def _empty(store: Store) -> bool:
     """Whether ``store`` holds no case (a shard's timers and cases are then all its own
     there: ticking cannot fire another case's timer)."""
@@ -241,11 +285,14 @@ class ShardedLifecycleReplay(_Counted):
     ):
         if not isinstance(jobs, int) or jobs < 1:
             raise ValueError("jobs must be a positive integer")
-        if policy.router.history_specs:
+        self._key_fields = history_key(policy)
+        if self._key_fields and store is not None and not _empty(store):
             raise ValueError(
-                "the policy has history conditions: they count every case of the log, "
-                "which a sharded replay splits over its workers (use LifecycleReplay)"
+                "the policy has history conditions: replayed in shards, they would not count "
+                "the cases the store already holds (replay into an empty store, or use "
+                "LifecycleReplay)"
             )
+        self._shard_of_id: dict[str, int] = {}  # history-keyed shards: where each id went
         self.policy = policy
         self.store = store
         self.until = until
@@ -339,7 +386,7 @@ class ShardedLifecycleReplay(_Counted):
             raise RuntimeError("the replay is finished")
         if self._in_order(record) is None:
             return
-        shard = shard_of(record.case_id, self.jobs)
+        shard = self._shard(record)
         if shard == 0:
             self._local.feed(record)
             return
@@ -347,6 +394,22 @@ class ShardedLifecycleReplay(_Counted):
         buffer.append(record)
         if len(buffer) >= self.chunk:
             self._send_records(shard)
+
+    def _shard(self, record: LogRecord) -> int:
+        """By case id; under history conditions by the values they compare (a case with
+        one missing has no history: by case id), and a case id seen before where it went
+        (a duplicate is refused where the first one is replayed, as in one process)."""
+        case_id = record.case_id
+        fields = self._key_fields
+        if not fields:
+            return shard_of(case_id, self.jobs)
+        shard = self._shard_of_id.get(case_id)
+        if shard is None:
+            values = [getattr(record.case, name) for name in fields]
+            key = ("\x1f".join(values) if all(isinstance(v, str) and v.strip() for v in values)
+                   else case_id)
+            shard = self._shard_of_id[case_id] = shard_of(key, self.jobs)
+        return shard
 
     def _send_records(self, shard: int) -> None:
         buffer = self._buffers[shard]

@@ -22,9 +22,9 @@ from gridflow.errors import DefinitionError
 from gridflow.history import History, HistorySpec, window_of
 from gridflow.importer import LogRecord
 from gridflow.policy import Policy
-from gridflow.replay import LifecycleReplay, RouteMemo, replay, replay_routing
+from gridflow.replay import LifecycleReplay, RouteMemo, replay, replay_routing, to_json
 from gridflow.schema import CaseIn
-from gridflow.shards import ShardedLifecycleReplay
+from gridflow.shards import ShardedLifecycleReplay, history_key, shard_of, shardable
 from gridflow.store import Store
 
 MINI = Path(__file__).resolve().parent / "policies" / "mini"
@@ -329,16 +329,80 @@ def test_lifecycle_replay_routes_with_the_stores_history(policy: Policy) -> None
         "sanitation", "sanitation", "centre", "centre", "centre", "sanitation"]
 
 
-def test_a_sharded_replay_refuses_history_and_replay_runs_it_in_one_process(
-    policy: Policy,
+def _feed(run: Any, records: list[LogRecord]) -> str:
+    for rec in records:
+        run.feed(rec)
+    run.finish()
+    return to_json(run.to_dict())
+
+
+def test_a_sharded_replay_keeps_the_history_counts_in_one_shard(
+    policy: Policy, tmp_path: Path
 ) -> None:
-    with pytest.raises(ValueError, match="history conditions"):
-        ShardedLifecycleReplay(policy, None, jobs=2)
-    one = replay(policy, _records(policy), mode="lifecycle", jobs=1)
-    two = replay(policy, _records(policy), mode="lifecycle", jobs=2)
-    assert one["lifecycle"] == two["lifecycle"]
-    assert one["routing"]["by_department"]["centre"]["routed"] == 3
-    assert one["routing"]["by_rule"]["same-address-thrice"] == 3
+    """Shards by the fields every history condition compares: the five cases at one
+    address (which shard by case id would split) meet in one shard and count each other
+    as in one process; the stores hold the same cases."""
+    records = _records(policy)
+    assert len({shard_of(r.case_id, 2) for r in records[:5]}) == 2
+    assert history_key(policy) == ("category", "address")
+    # c0 again, elsewhere (another shard by its address), while c0 is still open: refused
+    # where c0 is replayed, as one process refuses it
+    again = case(policy, T + timedelta(hours=2), address="别处").model_copy(update={"id": "c0"})
+    assert shard_of("E01-10\x1f别处", 2) != shard_of(f"E01-10\x1f{ADDRESS}", 2)
+    records.append(LogRecord(10, again))
+    stores = [Store(f"sqlite:///{tmp_path / name}", outbox=False) for name in ("1.db", "2.db")]
+    for store in stores:
+        store.create_all()
+    one_leads: dict[str, Any] = {}
+    many_leads: dict[str, Any] = {}
+    one_doc = _feed(LifecycleReplay(policy, stores[0], on_outcome=lambda o: one_leads.update(
+        {o.case_id: o.lead})), records)
+    many_doc = _feed(ShardedLifecycleReplay(policy, stores[1], jobs=2, on_outcome=lambda o:
+                                            many_leads.update({o.case_id: o.lead})), records)
+    assert [one_leads[f"c{i}"] for i in (0, 1, 2, 3, 4, 9)] == [
+        "sanitation", "sanitation", "centre", "centre", "centre", "sanitation"]
+    assert many_leads == one_leads and many_doc == one_doc
+    assert '"case_id": "c0"' in one_doc and "already being replayed" in one_doc
+    stored = []
+    for store in stores:
+        with store.transaction(readonly=True) as tx:
+            stored.append({c.case_id: (c.lead_department, c.data) for c in tx.iter_cases()})
+        store.dispose()
+    assert stored[0] == stored[1] and len(stored[0]) == 6
+    one_doc2 = replay(policy, records, mode="lifecycle", jobs=1)
+    assert replay(policy, records, mode="lifecycle", jobs=2)["lifecycle"] == one_doc2["lifecycle"]
+
+
+def test_history_conditions_without_a_common_field_replay_in_one_process(
+    tmp_path: Path,
+) -> None:
+    """Counts by category and counts by reporter cannot both stay inside shards: the
+    sharded replay refuses, ``replay`` runs in one process."""
+    extra = HISTORY_RULE + """        - id: same-reporter-twice
+          when:
+            category: {prefix: E01}
+            history: {same: [reporter], within: 7d, at_least: 2}
+          then: {lead: centre}
+"""
+    split = load_policy(_policy_dir(tmp_path, extra))
+    with pytest.raises(ValueError, match="no field in common"):
+        ShardedLifecycleReplay(split, None, jobs=2)
+    assert not shardable(split, None)
+    records = _records(split)
+    one = replay(split, records, mode="lifecycle", jobs=1)
+    assert replay(split, records, mode="lifecycle", jobs=2)["lifecycle"] == one["lifecycle"]
+
+
+def test_a_sharded_history_replay_needs_an_empty_store(policy: Policy) -> None:
+    """The shards count in stores of their own: cases already in the target would be
+    missed, so a store holding any is refused (``replay`` then runs in one process)."""
+    store = Store(outbox=False)
+    store.create_all()
+    Engine(policy, store, ManualClock(T)).report(case(policy, T - timedelta(days=2)), REPORTER)
+    with pytest.raises(ValueError, match="already holds"):
+        ShardedLifecycleReplay(policy, store, jobs=2)
+    assert not shardable(policy, store) and shardable(policy, None)
+    store.dispose()
 
 
 def test_utc_and_local_times_count_alike(policy: Policy) -> None:
