@@ -805,8 +805,10 @@ class LifecycleReplay(_Counted):
         # heaps keyed by microseconds since the epoch: aware datetimes of different tzinfo
         # objects compare through utcoffset() calls, ~20 per heap operation
         self._steps: list[tuple[int, int, int, _Open]] = []
-        self._timers: list[tuple[int, int, str, datetime]] = []  # due times the store may hold
+        # due times the store may hold: (µs, admission, kind, due, case id)
+        self._timers: list[tuple[int, int, str, datetime, str]] = []
         self._open: dict[str, _Open] = {}
+        self._by_admission: dict[int, _Open] = {}  # the cases not counted yet, by admission
         self._admitted = 0
         self._now: datetime | None = None
         self._now_us = 0
@@ -865,6 +867,7 @@ class LifecycleReplay(_Counted):
         self.cases += 1
         oc = _Open(record, case_id, self._admitted, plan(record))
         self._open[case_id] = oc
+        self._by_admission[oc.admission] = oc
         latest = oc.steps[-1][0] if oc.steps else reported
         if self._latest is None or latest > self._latest:
             self._latest = latest
@@ -896,7 +899,7 @@ class LifecycleReplay(_Counted):
         armed it."""
         timers = self._timers
         while timers and timers[0][0] < limit:
-            key, _adm, _kind, due = heapq.heappop(timers)
+            key, adm, kind, due, case_id = heapq.heappop(timers)
             # a timer due before the clock (armed already late) fires at the next tick: now
             if self._now is None or key > self._now_us:
                 when, when_us = due, key
@@ -904,15 +907,33 @@ class LifecycleReplay(_Counted):
                 when, when_us = self._now, self._now_us
             if when_us == self._ticked and self._quiet:
                 continue  # nothing ran since the tick at this very time
-            self._ticked, self._quiet = when_us, True
-            self.clock.set(when.astimezone(UTC))  # UTC: formats fastest
-            self._now, self._now_us = when, when_us
-            fired = self.engine.tick(self.clock.now())
-            for cid in dict.fromkeys(ev.case_id for ev in fired):
-                other = self._open.get(cid)
-                if other is not None:
-                    other.view = self.engine.get(cid)
-                    self._track_timers(other)
+            if self._inert(adm):  # the tick would only use the timer up: do that alone
+                self._uow.use_timer(case_id, kind, due, when)
+                continue
+            self._tick(when, when_us)
+
+    def _tick(self, when: datetime, when_us: int) -> None:
+        self._ticked, self._quiet = when_us, True
+        self.clock.set(when.astimezone(UTC))  # UTC: formats fastest
+        self._now, self._now_us = when, when_us
+        fired = self.engine.tick(self.clock.now())
+        for cid in dict.fromkeys(ev.case_id for ev in fired):
+            other = self._open.get(cid)
+            if other is not None:
+                other.view = self.engine.get(cid)
+                self._track_timers(other)
+
+    def _inert(self, admission: int) -> bool:
+        """Whether the case's timers can no longer raise an event: it was counted (no step
+        left), or it is past supervision with only verification, closing and evaluation
+        left (rework would bring it back). A tick for one of its timers would only mark
+        that timer used; ~90% of a replay's timers are such (cases closed in time)."""
+        oc = self._by_admission.get(admission)
+        if oc is None:
+            return True
+        if oc.view is None or oc.view.state in SUPERVISED_STATES:
+            return False
+        return all(what in _PAST_SUPERVISION for _when, what in oc.steps[oc.next:])
 
     def _track_timers(self, oc: _Open) -> None:
         view = oc.view
@@ -925,10 +946,10 @@ class LifecycleReplay(_Counted):
         oc.timers = pair
         if pair[0] is not None and not d["warned"]:
             warn = datetime.fromisoformat(pair[0])
-            heapq.heappush(self._timers, (_us(warn), oc.admission, "warn", warn))
+            heapq.heappush(self._timers, (_us(warn), oc.admission, "warn", warn, oc.case_id))
         if pair[1] is not None and not d["overdue"]:
             due = datetime.fromisoformat(pair[1])
-            heapq.heappush(self._timers, (_us(due), oc.admission, "overdue", due))
+            heapq.heappush(self._timers, (_us(due), oc.admission, "overdue", due, oc.case_id))
 
     def _run_step(self, oc: _Open, when: datetime) -> None:
         what = oc.steps[oc.next][1]
@@ -948,6 +969,7 @@ class LifecycleReplay(_Counted):
             self._push_step(oc)
         elif oc.view is None:
             self._open.pop(oc.case_id, None)  # never reported: nothing to count
+            self._by_admission.pop(oc.admission, None)
             self.cases -= 1
         elif oc.view.state in _SETTLED:
             self._finalise(oc, when)
@@ -999,6 +1021,7 @@ class LifecycleReplay(_Counted):
 
     def _finalise(self, oc: _Open, as_of: datetime) -> None:
         self._open.pop(oc.case_id, None)
+        self._by_admission.pop(oc.admission, None)
         if not oc.events:
             return
         policy = self.policy
@@ -1059,6 +1082,8 @@ class LifecycleReplay(_Counted):
         self.finished = True
 
 _SETTLED = frozenset({"closed", "evaluated", "cancelled"})
+#: steps after which a case is never supervised again (rework is not among them)
+_PAST_SUPERVISION = frozenset({"verify", "close", "evaluate"})
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 

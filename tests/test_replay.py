@@ -256,10 +256,13 @@ def _histories(engine: Engine, ids: list[str]) -> dict[str, Any]:
             events = engine.history(cid)
         except GridflowError:
             continue
+        with engine.store.transaction(readonly=True) as tx:  # when each timer was used up
+            timers = sorted((t.kind, t.due_at, t.fired_at) for t in tx.timers(cid))
         out[cid] = (
             [(e.seq, e.type, e.actor_id, e.actor_role, e.at, e.reason, e.payload,
               e.policy_version) for e in events],
             engine.get(cid).data,
+            timers,
         )
     return out
 

@@ -1314,6 +1314,27 @@ def test_a_batch_on_an_empty_store_does_not_look_new_cases_up(
     assert asked == ["a", "e", "c"]
 
 
+def test_a_batch_uses_a_timer_up_without_firing_it(store: Store) -> None:
+    """``use_timer`` marks one unfired timer fired at the given time — in memory, or in
+    the database after a commit — and leaves the others for the next claim."""
+    uow = UnitOfWork(store)
+    uow.insert_case(new_case("a"), [ev()])
+    uow.set_timers("a", [("warn", at(3)), ("overdue", at(4))])
+    uow.use_timer("a", "warn", at(3), at(3.5))  # owned by the batch: in memory
+    uow.use_timer("a", "warn", at(3), at(9))  # already used: nothing
+    uow.use_timer("a", "overdue", at(7), at(9))  # no such timer: nothing
+    uow.use_timer("nobody", "warn", at(3), at(9))  # no such case: nothing
+    uow.commit()
+    uow.insert_case(new_case("b"), [ev()])
+    uow.use_timer("a", "overdue", at(4), at(5))  # stored unfired: taken from the database
+    assert [t.case_id for t in uow.claim_due_timers(at(10))] == []
+    uow.commit()
+    with store.transaction(readonly=True) as tx:
+        assert sorted((t.kind, t.due_at, t.fired_at) for t in tx.timers("a")) == [
+            ("overdue", at(4), at(5)), ("warn", at(3), at(3.5))]
+        assert tx.claim_due_timers(at(10)) == []
+
+
 def test_a_batch_undoing_an_insert_forgets_the_case(store: Store) -> None:
     """A failed block's insert is undone: the case id is free again in the batch."""
     uow = UnitOfWork(store)

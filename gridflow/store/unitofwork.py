@@ -489,6 +489,26 @@ class UnitOfWork:
             claimed += from_db
         return claimed
 
+    def use_timer(self, case_id: str, kind: str, due_at: datetime, at: datetime) -> None:
+        """Mark the case's unfired timer ``(kind, due_at)`` fired at ``at`` without firing
+        it: what a tick at ``at`` does with the timer of a case out of supervision, for a
+        replay that knows the case will not come back to it (no tick, no other timer
+        claimed). Nothing happens if there is no such timer."""
+        entry = self._entries.get(case_id)
+        if entry is None:
+            if self.get_case(case_id) is None:
+                return
+            entry = self._entries[case_id]
+        pair = (kind, due_at.astimezone(UTC))
+        if not entry.owned:
+            self._own(case_id, entry)
+        if pair not in entry.unfired:
+            return
+        self._touch(case_id)
+        entry.unfired = {p: None for p in entry.unfired if p != pair}
+        entry.fired = {**entry.fired, pair: (at.astimezone(UTC), False)}
+        self._dirty[case_id] = entry
+
     def _db_has_due(self, when: datetime) -> bool:
         if self._db_next_due is _UNKNOWN:
             tm = self.store.tables.timers
