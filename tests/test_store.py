@@ -1326,7 +1326,7 @@ def test_a_batch_uses_a_timer_up_without_firing_it(store: Store) -> None:
     uow.use_timer("nobody", "warn", at(3), at(9))  # no such case: nothing
     uow.commit()
     uow.insert_case(new_case("b"), [ev()])
-    uow.use_timer("a", "overdue", at(4), at(5))  # stored unfired: taken from the database
+    uow.use_timer("a", "overdue", at(4), at(5))  # a stored row: marked before any claim
     assert [t.case_id for t in uow.claim_due_timers(at(10))] == []
     uow.commit()
     with store.transaction(readonly=True) as tx:

@@ -887,6 +887,22 @@ class StoreTx:
         else:
             self._conn.execute(self._s.insert_timer, rows)
 
+    def use_timer_rows(self, rows: Sequence[tuple[str, str, datetime, datetime]]) -> None:
+        """Mark unfired timers ``(case_id, kind, due_at)`` fired at the given time, without
+        firing them (the unit of work's :meth:`~UnitOfWork.use_timer`, written in bulk)."""
+        if not rows:
+            return
+        tm = self._t.timers
+        stmt = (
+            sa.update(tm)
+            .where(tm.c.case_id == sa.bindparam("b_case_id"), tm.c.kind == sa.bindparam("b_kind"),
+                   tm.c.due_at == sa.bindparam("b_due_at"), tm.c.fired_at.is_(None))
+            .values(fired_at=sa.bindparam("b_at", type_=tm.c.fired_at.type))
+        )
+        self._conn.execute(stmt, [
+            {"b_case_id": c, "b_kind": k, "b_due_at": d, "b_at": a} for c, k, d, a in rows
+        ])
+
     def timers(self, case_id: str) -> list[TimerRecord]:
         """Every timer of the case (fired or not), by due time."""
         tm = self._t.timers

@@ -144,6 +144,8 @@ class UnitOfWork:
         self._commands = 0  # buffered writes since the last commit
         self._block_events: list[tuple[str, Sequence[NewEvent]]] = []
         self._heap: list[tuple[datetime, int, str, str]] = []  # owned unfired timers
+        # timers used up (use_timer) that are still unfired rows of the database
+        self._used: list[tuple[str, str, datetime, datetime]] = []
         self._seq = 0
         self._db_next_due: Any = _UNKNOWN  # earliest unfired timer in the database
         self._block = _Block(self)
@@ -238,7 +240,7 @@ class UnitOfWork:
         (a conflict, a value the store refuses) is raised as :class:`BatchAborted`, chained
         to it: the command must not seem to have failed alone."""
         dirty, self._dirty = self._dirty, {}
-        if not dirty:
+        if not dirty and not self._used:
             return
         self._pending = None
         try:
@@ -275,6 +277,7 @@ class UnitOfWork:
                     for (kind, due), (at, stored) in entry.fired.items() if not stored
                 ]
         tx.write_many(inserts, appends)
+        self._write_used()
         for entry, record in written:
             entry.record = record
             entry.base_version = record.version
@@ -308,6 +311,7 @@ class UnitOfWork:
         self._dirty.clear()
         self._keys.clear()
         self._heap = []
+        self._used = []
         self._commands = 0
         self._db_next_due = _UNKNOWN
 
@@ -411,9 +415,20 @@ class UnitOfWork:
         self._block_events.append((record.case_id, events))
         return self._records(record.case_id, expected_version, events)
 
+    def _write_used(self) -> bool:
+        """Write the timers :meth:`use_timer` marked in the database; whether there were
+        any (the earliest unfired one is then asked again)."""
+        used, self._used = self._used, []
+        if not used:
+            return False
+        self._db().use_timer_rows(used)
+        self._db_next_due = _UNKNOWN
+        return True
+
     def _own(self, case_id: str, entry: _Entry) -> None:
         """Take the case's timers into memory: its unfired rows leave the database (they
         are written back at the flush), its fired ones are remembered."""
+        self._write_used()
         tx = self._db()
         unfired: dict[Pair, None] = {}
         fired: dict[Pair, tuple[datetime, bool]] = {}
@@ -481,7 +496,7 @@ class UnitOfWork:
             entry.fired = {**entry.fired, pair: (when, False)}
             self._dirty[case_id] = entry
             claimed.append(TimerRecord(0, case_id, kind, due, when))
-        if self._db_has_due(when):
+        if self._db_has_due(when) and (not self._write_used() or self._db_has_due(when)):
             from_db = self._db().claim_due_timers(now, limit)
             if from_db:
                 self._claimed = True
@@ -493,15 +508,18 @@ class UnitOfWork:
         """Mark the case's unfired timer ``(kind, due_at)`` fired at ``at`` without firing
         it: what a tick at ``at`` does with the timer of a case out of supervision, for a
         replay that knows the case will not come back to it (no tick, no other timer
-        claimed). Nothing happens if there is no such timer."""
-        entry = self._entries.get(case_id)
-        if entry is None:
-            if self.get_case(case_id) is None:
-                return
-            entry = self._entries[case_id]
+        claimed). Nothing happens if there is no such timer. Timers held in memory are
+        marked at once; rows of the database in bulk at the next write, or before the
+        database is asked for due timers or a case's timers."""
         pair = (kind, due_at.astimezone(UTC))
-        if not entry.owned:
-            self._own(case_id, entry)
+        entry = self._entries.get(case_id)
+        if entry is None or not entry.owned:
+            if entry is not None and entry.new:
+                return  # not stored yet, and not owned: it has no timers
+            # its timers are rows of the database: marked at the next write (or before the
+            # database is asked for timers) — loading them costs a query or two per case
+            self._used.append((case_id, pair[0], pair[1], at.astimezone(UTC)))
+            return
         if pair not in entry.unfired:
             return
         self._touch(case_id)
