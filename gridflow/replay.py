@@ -808,7 +808,6 @@ class LifecycleReplay(_Counted):
         # due times the store may hold: (µs, admission, kind, due, case id)
         self._timers: list[tuple[int, int, str, datetime, str]] = []
         self._open: dict[str, _Open] = {}
-        self._by_admission: dict[int, _Open] = {}  # the cases not counted yet, by admission
         self._admitted = 0
         self._now: datetime | None = None
         self._now_us = 0
@@ -867,7 +866,6 @@ class LifecycleReplay(_Counted):
         self.cases += 1
         oc = _Open(record, case_id, self._admitted, plan(record))
         self._open[case_id] = oc
-        self._by_admission[oc.admission] = oc
         latest = oc.steps[-1][0] if oc.steps else reported
         if self._latest is None or latest > self._latest:
             self._latest = latest
@@ -907,7 +905,7 @@ class LifecycleReplay(_Counted):
                 when, when_us = self._now, self._now_us
             if when_us == self._ticked and self._quiet:
                 continue  # nothing ran since the tick at this very time
-            if self._inert(adm):  # the tick would only use the timer up: do that alone
+            if self._inert(case_id, adm):  # the tick would only use the timer up: do that alone
                 self._uow.use_timer(case_id, kind, due, when)
                 continue
             self._tick(when, when_us)
@@ -923,13 +921,13 @@ class LifecycleReplay(_Counted):
                 other.view = self.engine.get(cid)
                 self._track_timers(other)
 
-    def _inert(self, admission: int) -> bool:
+    def _inert(self, case_id: str, admission: int) -> bool:
         """Whether the case's timers can no longer raise an event: it was counted (no step
         left), or it is past supervision with only verification, closing and evaluation
         left (rework would bring it back). A tick for one of its timers would only mark
         that timer used; ~90% of a replay's timers are such (cases closed in time)."""
-        oc = self._by_admission.get(admission)
-        if oc is None:
+        oc = self._open.get(case_id)
+        if oc is None or oc.admission != admission:  # (a later case may reuse the id)
             return True
         if oc.view is None or oc.view.state in SUPERVISED_STATES:
             return False
@@ -969,7 +967,6 @@ class LifecycleReplay(_Counted):
             self._push_step(oc)
         elif oc.view is None:
             self._open.pop(oc.case_id, None)  # never reported: nothing to count
-            self._by_admission.pop(oc.admission, None)
             self.cases -= 1
         elif oc.view.state in _SETTLED:
             self._finalise(oc, when)
@@ -1021,7 +1018,6 @@ class LifecycleReplay(_Counted):
 
     def _finalise(self, oc: _Open, as_of: datetime) -> None:
         self._open.pop(oc.case_id, None)
-        self._by_admission.pop(oc.admission, None)
         if not oc.events:
             return
         policy = self.policy

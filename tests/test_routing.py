@@ -299,6 +299,14 @@ def test_near_miss_urgency_is_suggested(mini: Policy) -> None:
 # --- conditions on the address ----------------------------------------------------------
 
 
+def _first_hit(name: str, rules: list[tuple[str, dict[str, Any], str]], tmp: Path) -> Policy:
+    """A policy of one first-hit table of ``(rule id, when, lead)`` rules."""
+    content = _policy(name, [{"id": "main", "hit": "first", "rules": [
+        {"id": rid, "when": when, "then": {"lead": lead}} for rid, when, lead in rules
+    ]}])
+    return _load(content, tmp)
+
+
 @pytest.fixture(scope="module")
 def by_address(tmp_path_factory: pytest.TempPathFactory) -> Policy:
     """First-hit rules on the address: exact, contains, one of, prefix and regex."""
@@ -309,10 +317,7 @@ def by_address(tmp_path_factory: pytest.TempPathFactory) -> Policy:
         ("buildings", {"address": {"regex": "[0-9]+号楼$"}}, "sanitation"),
         ("markets", {"address": ["菜场", "市场"]}, "civil-affairs"),
     ]
-    content = _policy("by-address", [{"id": "main", "hit": "first", "rules": [
-        {"id": rid, "when": when, "then": {"lead": lead}} for rid, when, lead in rules
-    ]}])
-    return _load(content, tmp_path_factory.mktemp("by-address"))
+    return _first_hit("by-address", rules, tmp_path_factory.mktemp("by-address"))
 
 
 @pytest.mark.parametrize(
@@ -369,10 +374,7 @@ def by_reporter(tmp_path_factory: pytest.TempPathFactory) -> Policy:
         ("numbered", {"reporter": {"regex": "^gw-[0-9]+$"}}, "sanitation"),
         ("exact", {"reporter": "居民 盧根银"}, "sanitation"),
     ]
-    content = _policy("by-reporter", [{"id": "main", "hit": "first", "rules": [
-        {"id": rid, "when": when, "then": {"lead": lead}} for rid, when, lead in rules
-    ]}])
-    return _load(content, tmp_path_factory.mktemp("by-reporter"))
+    return _first_hit("by-reporter", rules, tmp_path_factory.mktemp("by-reporter"))
 
 
 @pytest.mark.parametrize(

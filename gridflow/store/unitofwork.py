@@ -513,9 +513,7 @@ class UnitOfWork:
         database is asked for due timers or a case's timers."""
         pair = (kind, due_at.astimezone(UTC))
         entry = self._entries.get(case_id)
-        if entry is None or not entry.owned:
-            if entry is not None and entry.new:
-                return  # not stored yet, and not owned: it has no timers
+        if entry is None or not entry.owned:  # (a new case's timers are owned from the start)
             # its timers are rows of the database: marked at the next write (or before the
             # database is asked for timers) — loading them costs a query or two per case
             self._used.append((case_id, pair[0], pair[1], at.astimezone(UTC)))
