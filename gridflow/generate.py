@@ -13,6 +13,9 @@ seed articles where they give figures — e.g. Qishuyan: 22,107 reported, comple
   hour of day (patrol hours peak in the morning and early afternoon);
 * a category mix by top-level group (events, components, services, hazards, disputes,
   people), locations uniform over the lowest units (grids), channels (patrol first);
+* an address in the grid (its name and a house number, a few numbers far more often
+  than the rest), so history conditions ("the third report at the same address within
+  30 days") meet repeats at the rate a real district sees them;
 * description text from the category name and, for some cases, a keyword the policy's
   rules test, so routing exercises the text rules;
 * on-the-spot resolution for a share of patrol cases; cancellations; returns, rework,
@@ -89,6 +92,11 @@ class Settings:
     #: share of the time limit used until closure: log-normal (median, sigma)
     handling_median: float = 0.38
     handling_sigma: float = 0.5
+    #: house numbers (门牌) per grid; a case's address is one of them with weight
+    #: 1/k^address_skew, so a few places (a market gate, an old estate) draw repeated
+    #: reports, as history conditions expect ("≥3 at the same address within 30 days")
+    addresses_per_grid: int = 400
+    address_skew: float = 1.0
 
 
 _PHRASES = ("群众反映", "网格员巡查发现", "居民来电", "社区反映", "巡查时发现", "热线转办")
@@ -132,6 +140,8 @@ class _Model:
         self.attribute_values = reg.attribute_values
         self.satisfaction = list(s.satisfaction)
         self.satisfaction_cum = _cumulative(list(s.satisfaction.values()))
+        self.numbers = list(range(1, max(s.addresses_per_grid, 1) + 1))
+        self.number_cum = _cumulative([k ** -s.address_skew for k in self.numbers])
 
     @staticmethod
     def _keywords(policy: Policy) -> dict[str | None, list[str]]:
@@ -215,6 +225,9 @@ def generate(
     if s.days < 1:
         raise ValueError("days must be ≥ 1")
     rng = random.Random(seed)
+    # addresses come from a stream of their own: the other draws (and so every figure
+    # calibrated on them) do not depend on the address model
+    addresses = random.Random(f"{seed}:address")
     model = _Model(policy, s, rng)
     router: Callable[[CaseIn], Any] = route or policy.route
     tz = policy.calendar.timezone
@@ -234,7 +247,7 @@ def generate(
         for reported in stamps:
             number += 1
             yield _row(policy, model, router, s, rng, f"{id_prefix}{number:0{width}d}",
-                       reported, horizon)
+                       reported, horizon, addresses)
 
 
 def _description(model: _Model, rng: random.Random, category: str, name: str,
@@ -274,17 +287,19 @@ def _limit_span(cal: BusinessCalendar, start: datetime, limit: Duration, share: 
 def _row(
     policy: Policy, model: _Model, route: Callable[[CaseIn], Any], s: Settings,
     rng: random.Random,
-    case_id: str, reported: datetime, horizon: datetime,
+    case_id: str, reported: datetime, horizon: datetime, addresses: random.Random,
 ) -> dict[str, Any]:
     reg = policy.registry
     cal = policy.calendar
     category = _pick(rng, model.categories, model.category_cum)
     location = rng.choice(model.locations)
     channel = _pick(rng, model.channels, model.channel_cum)
+    number = _pick(addresses, model.numbers, model.number_cum)
     case: dict[str, Any] = {
         "id": case_id,
         "category": category,
         "location": location,
+        "address": f"{reg.units[location].name}{number}号",
         "description": _description(model, rng, category, reg.categories[category].name, s),
         "channel": channel,
         "reported_at": reported,
@@ -294,7 +309,7 @@ def _row(
     attrs = _attributes(model, rng, s)
     if attrs:
         case["attributes"] = attrs
-    row: dict[str, Any] = {**case, "address": reg.units[location].name}
+    row: dict[str, Any] = dict(case)
     try:
         routed = route(CaseIn.model_validate(case))
         lead, limit_text = routed.lead, routed.time_limit

@@ -20,11 +20,15 @@ Fixtures:
   for tests that need their own engines or processes;
 * ``empty_db`` — an empty database on file SQLite, PostgreSQL and MariaDB (a new file, or a
   new schema/database dropped afterwards): ``(url, schema)`` for migration tests.
+
+And one policy fixture: ``wujin_without_history``, a copy of the example district without
+its history rule (replays of it shard by case id, whatever the target holds).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,6 +37,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from gridflow import load_policy
 from gridflow.store import Store, make_engine
 
 PG_URL = os.environ.get("GRIDFLOW_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -227,3 +232,17 @@ def empty_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[EmptyDa
                 conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
             else:
                 conn.exec_driver_sql(f"DROP DATABASE IF EXISTS `{schema}`")
+
+
+@pytest.fixture(scope="session")
+def wujin_without_history(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """examples/wujin without its history rule (``repeat-at-address``)."""
+    copy = tmp_path_factory.mktemp("policy") / "wujin-no-history"
+    shutil.copytree(Path(__file__).resolve().parent.parent / "examples" / "wujin", copy)
+    table = copy / "routing" / "30-co-handling.yaml"
+    text = table.read_text("utf-8")
+    start = text.index("        - id: repeat-at-address")
+    end = text.index("        - id: wide-impact")
+    table.write_text(text[:start] + text[end:], "utf-8")
+    assert not load_policy(copy).router.history_specs
+    return copy

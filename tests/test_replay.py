@@ -552,7 +552,9 @@ def test_cli_what_if_summary_reads_like_the_json(log600: Path, changed_policy: P
     assert due and all(d.endswith("+08:00") for d in due)  # the policy's zone, as routing
 
 
-def test_cli_replay_and_report_with_a_table_prefix_and_jobs(log600: Path, tmp_path: Path) -> None:
+def test_cli_replay_and_report_with_a_table_prefix_and_jobs(
+    log600: Path, tmp_path: Path, wujin_without_history: Path
+) -> None:
     """--jobs gives the one-process JSON; --prefix puts the tables under another name,
     and report finds them only with the same prefix."""
     runner = CliRunner()
@@ -585,10 +587,18 @@ def test_cli_replay_and_report_with_a_table_prefix_and_jobs(log600: Path, tmp_pa
                                       *args])
         assert result.exit_code == 2, (args, result.output)
         assert not (tmp_path / "bad.db").exists()  # refused before anything was written
-    # the cases are there already: the shards' copy refuses, and says which case
+    # the cases are there already. Wujin's history conditions would not count them in
+    # shards: one process replays, and its intake refuses every case id already stored
     result = runner.invoke(main, ["replay", str(WUJIN_DIR), str(log600), "--db", url,
                                   "--prefix", "city_", "--jobs", "2"])
+    assert result.exit_code == 0, result.output
+    assert "life cycle: 0 reported" in result.output
+    assert "step(s) refused by the engine" in result.output
+    # without history conditions the shards replay, and their copy refuses, naming the case
+    result = runner.invoke(main, ["replay", str(wujin_without_history), str(log600), "--db", url,
+                                  "--prefix", "city_", "--jobs", "2"])
     assert result.exit_code == 1 and "concurrent update" in result.output
+
 
 
 def test_cli_replay_errors(tmp_path: Path) -> None:

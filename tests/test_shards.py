@@ -271,16 +271,18 @@ def _with_other_case(store: Store) -> None:
 
 @pytest.mark.parametrize("other_case", [False, True], ids=["empty", "holding-a-case"])
 def test_sharded_replay_into_a_store_with_or_without_cases(
-    records: list[LogRecord], tmp_path: Path, other_case: bool
+    records: list[LogRecord], tmp_path: Path, other_case: bool, wujin_without_history: Path
 ) -> None:
     """An empty store gets this process's shard written directly; one holding cases gets
-    every shard copied in. Either way: what one process stores."""
+    every shard copied in (a policy without history conditions: with them, a store
+    holding cases is refused). Either way: what one process stores."""
+    policy = load_policy(wujin_without_history)
     one_store, many_store = _file_store(tmp_path / "one.db"), _file_store(tmp_path / "many.db")
     if other_case:
         _with_other_case(one_store)
         _with_other_case(many_store)
-    one = LifecycleReplay(WUJIN, one_store)
-    many = ShardedLifecycleReplay(WUJIN, many_store, jobs=2)
+    one = LifecycleReplay(policy, one_store)
+    many = ShardedLifecycleReplay(policy, many_store, jobs=2)
     assert (many._paths[0] is None) is not other_case  # this process's shard writes directly
     _replay_both(one, many, records[:200])
     stored = _stored(one_store)

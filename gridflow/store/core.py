@@ -774,15 +774,18 @@ class StoreTx:
         """How many cases were reported in ``[since, before)`` with ``values`` in the
         ``same`` columns (of ``HISTORY_FIELDS``) — what history conditions count (a
         :class:`~gridflow.history.CaseHistory`)."""
-        c = self._t.cases
-        stmt = sa.select(sa.func.count()).select_from(c).where(
-            c.c.reported_at >= since, c.c.reported_at < before
-        )
-        for name, value in zip(same, values, strict=True):
+        key = tuple(same)
+        if len(key) != len(values):
+            raise ValueError(f"{len(key)} field(s) to compare but {len(values)} value(s)")
+        params: dict[str, Any] = {"b_since": since, "b_before": before}
+        for name, value in zip(key, values, strict=True):
             if name not in HISTORY_FIELDS:
                 raise ValueError(f"history cannot compare {name!r}")
-            stmt = stmt.where(c.c[name] == value)
-        return int(self._conn.execute(stmt).scalar_one())
+            params[f"b_{name}"] = value
+        fast, raw = self._fast, self._raw
+        if fast is not None and raw is not None:
+            return int(fast.run(raw, fast.count_reported(key), params).fetchone()[0])
+        return int(self._conn.execute(self._s.count_reported(key), params).scalar_one())
 
     def _cases_query(
         self,

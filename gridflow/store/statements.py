@@ -135,6 +135,7 @@ class Statements:
         self.insert_outbox = sa.insert(o)
         self._event_outbox_pg: Any = None
         self._tables = t
+        self._counts: dict[tuple[str, ...], sa.Select[Any]] = {}
         self.event_columns = (
             e.c.id, e.c.case_id, e.c.seq, e.c.type, e.c.actor_id, e.c.actor_role,
             e.c.at, e.c.reason, e.c.payload, e.c.policy_version,
@@ -227,6 +228,23 @@ class Statements:
         self.outbox_count = sa.select(sa.func.count()).select_from(o)
 
 
+
+    def count_reported(self, same: tuple[str, ...]) -> sa.Select[Any]:
+        """How many cases were reported in ``[b_since, b_before)`` with the values
+        ``b_<name>`` in the ``same`` columns (one statement per combination: history
+        conditions ask on every dispatch)."""
+        stmt = self._counts.get(same)
+        if stmt is None:
+            c = self._tables.cases
+            when = c.c.reported_at.type
+            stmt = sa.select(sa.func.count()).select_from(c).where(
+                c.c.reported_at >= sa.bindparam("b_since", type_=when),
+                c.c.reported_at < sa.bindparam("b_before", type_=when),
+                *(c.c[name] == sa.bindparam(f"b_{name}", type_=c.c[name].type)
+                  for name in same),
+            )
+            self._counts[same] = stmt
+        return stmt
     def event_with_outbox_pg(self) -> Any:
         """PostgreSQL: insert one event and its outbox row in one statement (one round
         trip): ``WITH e AS (INSERT … RETURNING id), o AS (INSERT INTO outbox SELECT id FROM
@@ -373,6 +391,8 @@ class SqliteFast:
         )
         self._updates: dict[tuple[str, ...], Compiled] = {}
         self._update_stmt = stmts.update_case
+        self._counts: dict[tuple[str, ...], Compiled] = {}
+        self._stmts = stmts
 
     def update(self, columns: tuple[str, ...]) -> Compiled:
         """The case update writing ``columns`` (one compiled form per column set)."""
@@ -380,6 +400,15 @@ class SqliteFast:
         if entry is None:
             entry = self._updates[columns] = Compiled(
                 self._update_stmt, self.dialect, columns, ("data",)
+            )
+        return entry
+
+    def count_reported(self, same: tuple[str, ...]) -> Compiled:
+        """:meth:`Statements.count_reported`, compiled (one per ``same`` combination)."""
+        entry = self._counts.get(same)
+        if entry is None:
+            entry = self._counts[same] = Compiled(
+                self._stmts.count_reported(same), self.dialect, None
             )
         return entry
 
