@@ -43,6 +43,7 @@ from gridflow.schema import CaseIn
 from gridflow.scoring import CRITERIA
 from gridflow.store import CaseRecord, EventRecord, IdempotencyConflict, NewEvent, Store
 from gridflow.store.core import StoreTx
+from gridflow.store.tables import MAX_LENGTHS
 from gridflow.store.unitofwork import UnitOfWork
 from gridflow.workflow import Workflow
 
@@ -773,14 +774,18 @@ class Engine:
     ) -> CaseView:
         """改派: before anyone accepts it, give the dispatched case to another named
         ``handler`` or ``pool`` of the same lead department, or (neither) to the department
-        as a whole. The department, deadline and timers stay; to change the department,
-        return the case or dispatch it again with an override."""
+        as a whole. 转交: while it is being handled, hand it over to another person
+        (``handler``: their actor id; the host knows its staff, gridflow does not). The
+        department, deadline and timers stay; to change the department, return the case
+        or dispatch it again with an override."""
 
         def effect(c: _Ctx) -> tuple[dict[str, Any], list[NewEvent]]:
             lead = c.proj["lead"]
             info = c.policy.registry.departments[lead]
             if handler is not None and pool is not None:
                 raise _invalid("handler", "give a handler or a pool, not both")
+            if c.record.state == "handling":
+                return self._hand_over(c, handler, pool), []
             if handler is not None and handler not in info.handlers:
                 known = ", ".join(info.handlers) or "none"
                 raise _invalid("handler", f"{handler!r} is not a handler of department "
@@ -796,6 +801,24 @@ class Engine:
                     "from_handler": before[0], "from_pool": before[1]}, []
 
         return self._run(case_id, actor, "reassign", reason, effect)
+
+    @classmethod
+    def _hand_over(cls, c: _Ctx, handler: str | None, pool: str | None) -> dict[str, Any]:
+        """转交: the payload of a reassign while the case is being handled."""
+        if pool is not None:
+            raise _invalid("pool", "a case being handled is handed over to a person "
+                                   "(handler=…); to put it back into a pool, return it")
+        if handler is None:
+            raise _invalid("handler", "is required: who takes over the case being handled")
+        name = cls._text("handler", handler, required=True)
+        assert name is not None
+        if len(name) > MAX_LENGTHS["handler"]:
+            raise _invalid("handler", f"is longer than {MAX_LENGTHS['handler']} characters")
+        current = c.proj["handler"]
+        if name == current:
+            raise c.refuse(f"'{name}' is already handling the case")
+        return {"handler": name, "pool": c.proj["pool"],
+                "from_handler": current, "from_pool": c.proj["pool"]}
 
     def return_case(self, case_id: str, actor: Actor, reason: str) -> CaseView:
         """回退: misrouted — back to ``filed`` for re-dispatch without this department.

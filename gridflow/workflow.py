@@ -240,9 +240,9 @@ _DEFAULT_TRIGGERS: tuple[TriggerSpec, ...] = (
        "就地解决 a grid worker records a small matter already solved on the spot"),
     _t("cancel", "reported filed", "cancelled", "clerk duty_chief",
        "不予立案/作废 refuse or void the report", needs_reason=True),
-    _t("reassign", "dispatched", None, "dispatcher duty_chief",
-       "改派 give the case to another handler or pool of the lead department",
-       needs_reason=True),
+    _t("reassign", "dispatched handling", None, "dispatcher duty_chief",
+       "改派/转交 give the case to another handler (or, not yet accepted, a pool) of the "
+       "lead department", needs_reason=True),
     _t("return_case", "dispatched handling", "filed", "handler",
        "回退 misrouted — back to the command centre for re-dispatch", needs_reason=True),
     _t("request_extension", "handling", None, "handler",

@@ -406,7 +406,7 @@ def test_a_named_handler_goes_with_an_override_or_a_return(engine: Engine) -> No
 def test_a_dispatched_case_is_reassigned_before_anyone_accepts_it(engine: Engine) -> None:
     """改派: the duty chief gives the duty officer's case to the community officer (same
     department, deadline and timers); bad requests are refused and change nothing; once
-    accepted, the case is no longer reassigned."""
+    accepted, the case is handed over to a person only (see the next test)."""
     cid = to_state(engine, "filed", "09-missing-person")
     dispatched = engine.dispatch(cid, DISPATCHER)
     before = snapshot(engine, cid)
@@ -443,6 +443,59 @@ def test_a_dispatched_case_is_reassigned_before_anyone_accepts_it(engine: Engine
     assert engine.reassign(cid, DISPATCHER, "whoever is free", handler=None).handler is None
     view = engine.accept(cid, POLICE)
     assert (view.state, view.handler) == ("handling", POLICE.id)
+    before = snapshot(engine, cid)
+    with pytest.raises(CaseValidationError, match="who takes over the case being handled"):
+        engine.reassign(cid, DUTY_CHIEF, "back to the station", handler=None)
+    assert snapshot(engine, cid) == before
+    assert_consistent(engine, cid)
+
+
+def test_a_case_being_handled_is_handed_over_to_a_colleague(engine: Engine) -> None:
+    """转交: the officer who accepted is sent elsewhere; the duty chief hands the case to a
+    colleague. It stays accepted (state, department, deadline, timers); the colleague's
+    worklist has it; bad requests are refused and change nothing; once handled, no more."""
+    cid = to_state(engine, "filed", "09-missing-person")
+    engine.dispatch(cid, DISPATCHER)
+    accepted = engine.accept(cid, Actor("duty-officer", "handler", department="police-station"))
+    with engine.store.transaction(readonly=True) as tx:
+        timers = tx.timers(cid)
+    before = snapshot(engine, cid)
+    bad: list[tuple[Any, type[Exception], str]] = [
+        (lambda: engine.reassign(cid, DUTY_CHIEF, "busy"), CaseValidationError,
+         "handler: is required: who takes over"),
+        (lambda: engine.reassign(cid, DUTY_CHIEF, "busy", pool="patrol"),
+         CaseValidationError, "handed over to a person"),
+        (lambda: engine.reassign(cid, DUTY_CHIEF, "busy", handler="  "),
+         CaseValidationError, "handler: is required"),
+        (lambda: engine.reassign(cid, DUTY_CHIEF, "busy", handler="x" * 129),
+         CaseValidationError, "longer than 128"),
+        (lambda: engine.reassign(cid, DUTY_CHIEF, "busy", handler="duty-officer"),
+         TransitionNotAllowed, "'duty-officer' is already handling the case"),
+        (lambda: engine.reassign(cid, POLICE, "busy", handler="officer-wang"),
+         RoleNotAllowed, "reassign"),
+        (lambda: engine.reassign(cid, DUTY_CHIEF, None, handler="officer-wang"),  # type: ignore[arg-type]
+         CaseValidationError, "reason"),
+    ]
+    for call, error, message in bad:
+        with pytest.raises(error, match=message):
+            call()
+        assert snapshot(engine, cid) == before
+    view = engine.reassign(cid, DUTY_CHIEF, "the duty officer went to a traffic accident",
+                           handler="officer-wang")
+    assert (view.state, view.lead, view.handler) == ("handling", "police-station",
+                                                     "officer-wang")
+    assert (view.due_at, view.tier, view.pool) == (accepted.due_at, accepted.tier,
+                                                   accepted.pool)
+    event = engine.history(cid)[-1]
+    assert (event.type, event.payload["from_handler"], event.reason) == (
+        "reassign", "duty-officer", "the duty officer went to a traffic accident")
+    with engine.store.transaction(readonly=True) as tx:
+        assert tx.timers(cid) == timers
+    assert [c.id for c in engine.worklist(handler="officer-wang")] == [cid]
+    assert engine.worklist(handler="duty-officer") == []
+    view = engine.feedback(cid, Actor("officer-wang", "handler", department="police-station"),
+                           evidence=["https://img/found.jpg"])
+    assert view.state == "handled"
     with pytest.raises(TransitionNotAllowed):
         engine.reassign(cid, DUTY_CHIEF, "too late", handler="duty-officer")
     assert_consistent(engine, cid)

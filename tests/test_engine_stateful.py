@@ -44,7 +44,9 @@ COMMANDS: dict[str, Command] = {
     "dispatch": lambda e, c, a, r: e.dispatch(c, a),
     "accept": lambda e, c, a, r: e.accept(c, a),
     "claim": lambda e, c, a, r: e.claim(c, a),
-    "reassign": lambda e, c, a, r: e.reassign(c, a, r, handler=None),  # type: ignore[arg-type]
+    # 改派 to the department as a whole; 转交 (being handled) to a colleague
+    "reassign": lambda e, c, a, r: e.reassign(  # type: ignore[arg-type]
+        c, a, r, handler="colleague-1" if e.get(c).state == "handling" else None),
     "return_case": lambda e, c, a, r: e.return_case(c, a, r),  # type: ignore[arg-type]
     "request_extension": lambda e, c, a, r: e.request_extension(c, a, r, "1wd"),  # type: ignore[arg-type]
     "approve_extension": lambda e, c, a, r: e.approve_extension(c, a),
