@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 from gridflow.calendar import parse_duration
+from gridflow.errors import RoutingError
 from gridflow.schema import CaseIn
 
 __all__ = ["HISTORY_FIELDS", "CaseHistory", "History", "HistorySpec", "window_of"]
@@ -100,7 +101,8 @@ class History:
 
     ``only``: the ``same`` combinations that will be asked for (e.g. ``{s.same for s in
     policy.router.history_specs}``); then only their counts are kept, not the cases (a
-    replay of a million rows), and other combinations raise ``ValueError``."""
+    replay of a million rows), and other combinations raise ``ValueError``.
+    :meth:`forget_before` drops what no window will reach any more (a streaming replay)."""
 
     def __init__(
         self, cases: Iterable[CaseIn] = (), *, only: Iterable[Sequence[str]] | None = None
@@ -112,11 +114,36 @@ class History:
             tuple(same): {} for same in only or ()
         }
         self._n = 0
+        self._horizon: float | None = None  # cases reported before it are forgotten
         for case in cases:
             self.add(case)
 
     def __len__(self) -> int:
+        """The number of cases added (forgotten ones included)."""
         return self._n
+
+    def forget_before(self, when: datetime) -> None:
+        """Drop the cases reported before ``when``: the counts of windows starting at or
+        after it stay exact, a count of a window starting before it raises
+        :class:`~gridflow.errors.RoutingError` (it would be too low). A replay of a log in
+        time order calls it as the log advances, so that memory holds the cases its
+        windows can still reach, not the whole log."""
+        t = when.astimezone(UTC).timestamp()
+        if self._horizon is not None and t <= self._horizon:
+            return
+        self._horizon = t
+        if self._cases is not None:
+            self._cases = [entry for entry in self._cases if entry[0] >= t]
+        for index in self._index.values():
+            gone = []
+            for key, times in index.items():
+                cut = bisect.bisect_left(times, t)
+                if cut == len(times):
+                    gone.append(key)
+                elif cut:
+                    del times[:cut]
+            for key in gone:
+                del index[key]
 
     def add(self, case: CaseIn) -> None:
         """Remember a case (one without ``reported_at`` has no place in time: skipped)."""
@@ -127,6 +154,8 @@ class History:
         """Remember a case by its report time and ``HISTORY_FIELDS`` values."""
         at = reported_at.astimezone(UTC).timestamp()
         self._n += 1
+        if self._horizon is not None and at < self._horizon:
+            return  # no window a count may still ask for reaches it
         if self._cases is not None:
             self._cases.append((at, fields))
         for same, index in self._index.items():
@@ -143,6 +172,14 @@ class History:
         self, same: Sequence[str], values: Sequence[str], since: datetime, before: datetime
     ) -> int:
         key = tuple(same)
+        start = since.astimezone(UTC).timestamp()
+        if self._horizon is not None and start < self._horizon:
+            kept = datetime.fromtimestamp(self._horizon, UTC).isoformat()
+            raise RoutingError(
+                f"history: cannot count the cases reported from {since.isoformat()} on, the "
+                f"cases before {kept} are no longer kept (a case far out of order: sort the "
+                "log by reported_at)"
+            )
         index = self._index.get(key)
         if index is None:
             if self._cases is None:
@@ -151,6 +188,6 @@ class History:
             for at, fields in self._cases:
                 self._put(index, key, at, fields)
         times = index.get(tuple(values), [])
-        lo = bisect.bisect_left(times, since.astimezone(UTC).timestamp())
+        lo = bisect.bisect_left(times, start)
         hi = bisect.bisect_left(times, before.astimezone(UTC).timestamp())
         return hi - lo

@@ -145,6 +145,10 @@ class _Seen:
     address: bool  # the address is tested (by any test)
     reporter: bool  # the reporter is tested (by any test)
     history: bool  # a history condition is tested
+    #: per history count field, the thresholds its tests compare with (``gte``); a count
+    #: is then keyed by which thresholds it reaches. ``None``: keyed by the count itself
+    #: (a test of another kind)
+    thresholds: tuple[tuple[str, tuple[int, ...] | None], ...] = ()
 
 
 class _Relevance:
@@ -173,10 +177,17 @@ class _Relevance:
             return found
         fields: set[str] = set()
         texts: dict[int, tuple[str, Any]] = {}
+        counts: dict[str, set[int] | None] = {}
         for scope, tests in self._rules:
             if scope is not None and category not in scope:
                 continue
             for t in tests:
+                if HistorySpec.of_field(t.field) is not None:
+                    known = counts.setdefault(t.field, set())
+                    if known is not None and t.op == "gte" and isinstance(t.value, int):
+                        known.add(t.value)
+                    else:
+                        counts[t.field] = None
                 if t.op in _TEXT_OPS and t.field == DESCRIPTION:
                     k = self._pred_index[(t.field, t.op, str(t.value))]
                     texts[k] = self._pred_tests[k]
@@ -193,6 +204,8 @@ class _Relevance:
             address=ADDRESS in fields,
             reporter=REPORTER in fields,
             history=any(HistorySpec.of_field(f) is not None for f in fields),
+            thresholds=tuple((f, None if c is None else tuple(sorted(c)))
+                             for f, c in sorted(counts.items())),
         )
         return found
 
@@ -206,10 +219,15 @@ class RouteMemo:
     vector of the text tests on the description, and the counts of the history
     conditions — and routes the first case of a key with :meth:`Policy.route`. Errors
     are never memoised. History conditions count the cases routed before (valid ones,
-    routed or not: an engine would have stored them), so feed a log in time order.
+    routed or not: an engine would have stored them), so feed a log in time order. The
+    history keeps what the longest window can reach plus ``late`` (how far out of order
+    a case may come and still be counted exactly), forgetting older cases every
+    ``forget_every`` cases; a case further out of order raises ``RoutingError`` (a
+    count it cannot make exactly) instead of counting too few.
     """
 
-    def __init__(self, policy: Policy, *, max_entries: int = 500_000):
+    def __init__(self, policy: Policy, *, max_entries: int = 500_000,
+                 late: timedelta = timedelta(days=1), forget_every: int = 4096):
         self.policy = policy
         self.max_entries = max_entries
         reg = policy.registry
@@ -223,6 +241,13 @@ class RouteMemo:
         self._due_ok: dict[tuple[Any, str], bool] = {}
         specs = policy.router.history_specs
         self.history = History(only={s.same for s in specs}) if specs else None
+        # what the history must keep: the longest window, plus how far out of order a
+        # case may come and still be counted exactly (`late`); older cases are forgotten
+        # every `forget_every` cases, so memory follows the windows, not the log
+        self._reach = max(s.window for s in specs) + late if specs else None
+        self._forget_every = max(1, forget_every)
+        self._added = 0
+        self._earliest: datetime | None = None  # of the cases since the last forgetting
         self.hits = 0
         self.misses = 0
 
@@ -283,9 +308,27 @@ class RouteMemo:
             text = normalise_description(case.description)
             parts.append(tuple([bool(test(text)) for _f, test in seen.texts]))
         if seen.history:
+            # what the history tests can tell apart: which thresholds each count reaches
+            # (counts 1 and 2 route alike under `at_least: 3`; the template has no trace)
             counts = self.policy.router.history_counts(case, self.history)
-            parts.append(tuple(sorted(counts.items())))
+            parts.append(tuple(
+                (f, n if ts is None or n is None else sum(1 for t in ts if n >= t))
+                for f, ts in seen.thresholds for n in (counts.get(f),)
+            ))
         return tuple(parts)
+
+    def _forget(self, reported: datetime | None) -> None:
+        """Every ``forget_every`` cases, forget those reported more than the reach before
+        the earliest of them (the earliest, not the latest: one case dated years ahead
+        must not make the history forget what the next cases need)."""
+        if reported is None or self.history is None or self._reach is None:
+            return
+        if self._earliest is None or reported < self._earliest:
+            self._earliest = reported
+        self._added += 1
+        if self._added % self._forget_every == 0:
+            self.history.forget_before(self._earliest - self._reach)
+            self._earliest = None
 
     def _validate(self, case: CaseIn) -> None:
         attrs = case.attributes
@@ -336,6 +379,7 @@ class RouteMemo:
         key = self.key(case)
         if self.history is not None:
             self.history.add(case)  # after its own counts: it is history for later cases
+            self._forget(case.reported_at)
         template = self._memo.get(key)
         if template is None:
             template = self._template(self.policy.route(case, history=self.history))

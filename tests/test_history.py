@@ -12,13 +12,13 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from gridflow import Actor, Engine, load_policy
 from gridflow.clock import ManualClock
 from gridflow.conditions import describe
-from gridflow.errors import DefinitionError
+from gridflow.errors import DefinitionError, GridflowError, RoutingError
 from gridflow.history import History, HistorySpec, window_of
 from gridflow.importer import LogRecord
 from gridflow.policy import Policy
@@ -238,6 +238,79 @@ def test_history_counts_what_a_plain_filter_counts(
     if only:
         with pytest.raises(ValueError, match="no counts by address"):
             history.count_reported(("address",), ("1号",), since, T)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    past=st.lists(st.tuples(st.integers(0, 60 * 24 * 45), _CATS, _ADDRESSES), max_size=25),
+    forget_h=st.integers(0, 24 * 45),
+    window_h=st.integers(1, 24 * 45),
+    only=st.booleans(),
+)
+@example(past=[(60, "E01-10", "1号")], forget_h=1, window_h=1, only=True)  # at the horizon
+@example(past=[(60, "E01-10", "1号")], forget_h=1, window_h=1, only=False)
+def test_a_history_that_forgets_counts_exactly_what_it_still_reaches(
+    past: list[tuple[int, str, str | None]], forget_h: int, window_h: int, only: bool
+) -> None:
+    """After forget_before(h), a window starting at or after h counts what the whole
+    history counts; one starting before h raises instead of counting too few."""
+    cases = [CaseIn(category=c, location="g1", address=a,
+                    reported_at=T - timedelta(minutes=m)) for m, c, a in past]
+    same = ("category", "address")
+    whole = History(cases, only=[same] if only else None)
+    kept = History(cases, only=[same] if only else None)
+    horizon = T - timedelta(hours=forget_h)
+    kept.forget_before(horizon)
+    kept.forget_before(horizon - timedelta(days=1))  # forgetting never goes back
+    kept.add(CaseIn(category="E01-10", location="g1", address="1号",
+                    reported_at=horizon - timedelta(minutes=1)))  # too old to be kept
+    since = T - timedelta(hours=window_h)
+    for cat in ("E01-10", "E01-11"):
+        for addr in ("1号", "2号"):
+            if since >= horizon:
+                assert (kept.count_reported(same, (cat, addr), since, T)
+                        == whole.count_reported(same, (cat, addr), since, T))
+            else:
+                with pytest.raises(RoutingError, match="sort the log by reported_at"):
+                    kept.count_reported(same, (cat, addr), since, T)
+
+
+def test_a_routing_replay_forgets_what_its_windows_no_longer_reach(policy: Policy) -> None:
+    """A memo that forgets every 4 cases routes a time-ordered log as one that keeps
+    everything; a row more than `late` out of order is a routing error, not a low count;
+    one row dated years ahead does not make it forget what the next rows need."""
+    start = T - timedelta(days=200)
+    rows = [case(policy, start + timedelta(days=d, hours=h), address=f"{d % 7}号")
+            for d in range(0, 180, 3) for h in (0, 5)]
+    keeping = RouteMemo(policy, forget_every=1_000_000)
+    forgetting = RouteMemo(policy, forget_every=4)
+    leads = [keeping.route(c).lead for c in rows]
+    assert [forgetting.route(c).lead for c in rows] == leads
+    assert 0 < leads.count("centre") < len(rows)  # the history rule decides some of them
+    late = case(policy, rows[-1].reported_at - timedelta(days=40))  # type: ignore[operator]
+    assert keeping.route(late).lead  # keeps everything: still counted
+    with pytest.raises(RoutingError, match="sort the log by reported_at"):
+        forgetting.route(late)
+    ahead = RouteMemo(policy, forget_every=2)
+    first = case(policy, T - timedelta(days=10))
+    ahead.route(first)
+    with pytest.raises(GridflowError):  # a typo in the year: beyond the calendar
+        ahead.route(case(policy, T + timedelta(days=3650)))
+    ahead.route(case(policy, T - timedelta(days=9)))
+    # the case after them still counts the two before it (window: 30 days)
+    assert ahead.route(case(policy, T - timedelta(days=8))).lead == "centre"
+
+
+def test_the_memo_keys_a_count_by_the_thresholds_it_reaches(policy: Policy) -> None:
+    """Under `at_least: 3`, counts 1 and 2 route alike and so do 3, 4, 5: two routings
+    with durable_rules for five cases, each decision the one `Policy.route` makes with the
+    whole history."""
+    memo = RouteMemo(policy)
+    cases = [case(policy, T + timedelta(days=d)) for d in range(5)]
+    leads = [memo.route(c).lead for c in cases]
+    want = [policy.route(c, history=History(cases[:i])).lead for i, c in enumerate(cases)]
+    assert leads == want == ["sanitation", "sanitation", "centre", "centre", "centre"]
+    assert (memo.misses, memo.hits) == (2, 3)
 
 
 # ------------------------------------------------------------------ engine and store
