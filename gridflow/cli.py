@@ -535,7 +535,7 @@ def replay_cmd(directory: str, cases: str, map_file: str | None, compare_dir: st
 
     from gridflow.importer import LogImportError, LogReader, load_mapping
     from gridflow.replay import replay, to_html, to_json
-    from gridflow.shards import tuned_gc
+    from gridflow.shards import shardable, tuned_gc
 
     policy = _load(directory, report=_err)
     other = _load(compare_dir, report=_err) if compare_dir else None
@@ -572,6 +572,10 @@ def replay_cmd(directory: str, cases: str, map_file: str | None, compare_dir: st
     task = bar.add_task("replay", total=max(reader.size, 1), rows=0)
     try:
         lifecycle = mode == "lifecycle" or (mode == "auto" and reader.has_steps())
+        if lifecycle and jobs > 1 and not shardable(policy, store):
+            _err.print(f"--jobs {jobs}: the policy's history conditions would not count the "
+                       "cases the database already holds in shards (or compare no field in "
+                       "common); replaying in one process", markup=False)
         # the GC tuning pays in the life cycle's batches; routing alone keeps nothing alive
         with bar, (tuned_gc() if lifecycle else contextlib.nullcontext()):
             doc = replay(policy, reader, mode=mode, compare=other,  # type: ignore[arg-type]

@@ -1272,6 +1272,8 @@ def replay(
 
     ``mode``: ``routing`` (routing and agreement only), ``lifecycle`` (also the life
     cycle, indicators), ``auto`` (life cycle when the log has later-step columns).
+    ``window``: how far out of order a row may be (the life cycle re-orders it; history
+    conditions still count it exactly).
     ``store``: where the life-cycle replay of ``policy`` is stored (default in-memory
     SQLite; the compared policy always runs in memory). ``progress`` is called with the
     number of records read, every 1,000 records. ``jobs`` > 1 runs each life-cycle
@@ -1287,8 +1289,9 @@ def replay(
         mode == "auto" and isinstance(reader, LogReader) and reader.has_steps()
     )
     names = {d: info.name for d, info in policy.registry.departments.items()}
-    memo_a = RouteMemo(policy)
-    memo_b = RouteMemo(compare) if compare is not None else None
+    # the routing history keeps rows as far out of order as the life cycle re-orders
+    memo_a = RouteMemo(policy, late=window)
+    memo_b = RouteMemo(compare, late=window) if compare is not None else None
     stats_a, stats_b = RoutingStats(), RoutingStats()
     route_errors: list[ReplayError] = []
     late: list[LogRecord] = []

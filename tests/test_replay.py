@@ -566,6 +566,7 @@ def test_cli_replay_and_report_with_a_table_prefix_and_jobs(
     result = runner.invoke(main, ["replay", str(WUJIN_DIR), str(log600), "--json", str(two),
                                   "--jobs", "2"])
     assert result.exit_code == 0, result.output
+    assert "replaying in one process" not in result.output  # an empty store: shards
     assert one.read_bytes() == two.read_bytes()
     store = Store(url, table_prefix="city_")
     with store.transaction(readonly=True) as tx:
@@ -594,6 +595,7 @@ def test_cli_replay_and_report_with_a_table_prefix_and_jobs(
     assert result.exit_code == 0, result.output
     assert "life cycle: 0 reported" in result.output
     assert "step(s) refused by the engine" in result.output
+    assert "--jobs 2: the policy's history conditions" in result.output
     # without history conditions the shards replay, and their copy refuses, naming the case
     result = runner.invoke(main, ["replay", str(wujin_without_history), str(log600), "--db", url,
                                   "--prefix", "city_", "--jobs", "2"])
