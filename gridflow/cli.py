@@ -573,9 +573,9 @@ def replay_cmd(directory: str, cases: str, map_file: str | None, compare_dir: st
     try:
         lifecycle = mode == "lifecycle" or (mode == "auto" and reader.has_steps())
         if lifecycle and jobs > 1 and not shardable(policy, store):
-            _err.print(f"--jobs {jobs}: the policy's history conditions would not count the "
-                       "cases the database already holds in shards (or compare no field in "
-                       "common); replaying in one process", markup=False)
+            _err.print(f"--jobs {jobs}: replaying in one process (in shards, the policy's "
+                       "history conditions would not count the cases already in the "
+                       "database, or they compare no field in common)", markup=False)
         # the GC tuning pays in the life cycle's batches; routing alone keeps nothing alive
         with bar, (tuned_gc() if lifecycle else contextlib.nullcontext()):
             doc = replay(policy, reader, mode=mode, compare=other,  # type: ignore[arg-type]

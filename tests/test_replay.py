@@ -595,7 +595,7 @@ def test_cli_replay_and_report_with_a_table_prefix_and_jobs(
     assert result.exit_code == 0, result.output
     assert "life cycle: 0 reported" in result.output
     assert "step(s) refused by the engine" in result.output
-    assert "--jobs 2: the policy's history conditions" in result.output
+    assert "--jobs 2: replaying in one process" in result.output
     # without history conditions the shards replay, and their copy refuses, naming the case
     result = runner.invoke(main, ["replay", str(wujin_without_history), str(log600), "--db", url,
                                   "--prefix", "city_", "--jobs", "2"])
