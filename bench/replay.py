@@ -10,10 +10,10 @@ ruleset, posted case by case, against ``gridflow.replay.replay_routing`` over th
 validated cases; every decision of the replay is checked against the raw ruleset (and a
 sample against ``Policy.route``) before the ratio is printed. Life cycle: the example
 district's policy (with its history rule, so every dispatch counts earlier cases in the
-store) and a generated log; the same records through one process (``LifecycleReplay`` under ``tuned_gc``, as ``gridflow
-replay`` runs it) and through ``--jobs`` shards (``ShardedLifecycleReplay``: this
-process and worker processes; default: one per core), each into a new file SQLite
-database; the two reports must be identical. Targets: routing ≥ 5× the raw ruleset; life
+store) and a generated log; the same records through one process (``LifecycleReplay``
+under ``tuned_gc``, as ``gridflow replay`` runs it) and through ``--jobs`` shards
+(``ShardedLifecycleReplay``: this process and worker processes; default: one per core),
+each into a new file SQLite database; the two reports must be identical. Targets: routing ≥ 5× the raw ruleset; life
 cycle ≥ 3,000 cases/s; 1M-case CSV replay ≤ 500 MB peak RSS.
 """
 
