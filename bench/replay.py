@@ -13,8 +13,9 @@ district's policy (with its history rule, so every dispatch counts earlier cases
 store) and a generated log; the same records through one process (``LifecycleReplay``
 under ``tuned_gc``, as ``gridflow replay`` runs it) and through ``--jobs`` shards
 (``ShardedLifecycleReplay``: this process and worker processes; default: one per core),
-each into a new file SQLite database; the two reports must be identical. Targets: routing ≥ 5× the raw ruleset; life
-cycle ≥ 3,000 cases/s; 1M-case CSV replay ≤ 500 MB peak RSS.
+each into a new file SQLite database; the two reports must be identical. Targets:
+routing ≥ 5× the raw ruleset; life cycle ≥ 3,000 cases/s; 1M-case CSV replay ≤ 500 MB
+peak RSS.
 """
 
 from __future__ import annotations
