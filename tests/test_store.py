@@ -1405,3 +1405,50 @@ def test_a_failing_flush_rolls_the_batch_back(server_store: Store) -> None:
     uow.insert_case(new_case("last"), [ev()])
     uow.commit()
     assert count(store, "cases") == 2
+
+
+def test_histories_read_many_cases_as_history_reads_one(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One query for many cases (SQLite: in chunks of ids, here 2) gives each case what
+    ``history`` gives it, times and payloads converted alike; an unknown id gets []."""
+    import gridflow.store.core as core
+
+    monkeypatch.setattr(core, "_IN_CHUNK", 2)
+    for i, cid in enumerate(("a", "b", "c")):
+        create(store, new_case(cid, version=2), [
+            ev("report", i, payload={"n": i, "text": "暴露垃圾", "list": [1.5, None]}),
+            ev("file", i + 0.5, reason="立案", policy_version="v1"),
+        ])
+    with store.transaction(readonly=True) as tx:
+        many = tx.histories(["c", "nobody", "a", "b"])
+        assert list(many) == ["c", "nobody", "a", "b"]
+        assert many == {cid: tx.history(cid) for cid in ("c", "nobody", "a", "b")}
+        assert [e.seq for e in many["b"]] == [1, 2] and many["b"][0].at == at(1)
+        assert many["c"][0].payload == {"n": 2, "text": "暴露垃圾", "list": [1.5, None]}
+        assert tx.histories([]) == {}
+
+
+def test_insert_rows_writes_plain_rows_as_an_insert_does(store: Store) -> None:
+    """Rows of several column sets, times and JSON converted as SQLAlchemy converts them."""
+    from gridflow.store.aggregates import ensure_aggregate_tables, score_rows
+
+    t = ensure_aggregate_tables(store)
+    base = {"case_id": "a", "policy_version": "v1", "revision": 1, "current": 1,
+            "subject_kind": "department", "role": "lead", "timeliness": 1.0,
+            "resolution": 0.5, "quality": 1.0, "satisfaction": 0.9, "composite_centi": 9100,
+            "exempt": "", "case_version": 3, "reported_at": at(1), "scored_at": at(2)}
+    rows = [
+        {**base, "subject_id": "sanitation", "reason": "evaluated", "details": {"x": [1, "一"]}},
+        {**base, "subject_id": "gw-1", "details": {}, "exempt": "weather"},  # no reason
+    ]
+    with store.transaction() as tx:
+        tx.insert_rows(t.scores, rows)
+        tx.insert_rows(t.scores, [])
+    with store.transaction(readonly=True) as tx:
+        got = score_rows(tx, t, ["a"])
+    assert [(r["subject_id"], r["reason"], r["details"], r["exempt"], r["resolution"],
+             r["scored_at"]) for r in got] == [
+        ("sanitation", "evaluated", {"x": [1, "一"]}, "", 0.5, at(2)),
+        ("gw-1", None, {}, "weather", 0.5, at(2)),
+    ]

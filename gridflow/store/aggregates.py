@@ -234,22 +234,7 @@ def histories(tx: StoreTx, t: AggregateTables, case_ids: Sequence[str]) -> dict[
     EventRecord
 ]]:
     """The events of each case, by ``seq``."""
-    e = t.events
-    out: dict[str, list[EventRecord]] = {cid: [] for cid in case_ids}
-    if not case_ids:
-        return out
-    stmt = (
-        sa.select(e.c.id, e.c.case_id, e.c.seq, e.c.type, e.c.actor_id, e.c.actor_role,
-                  e.c.at, e.c.reason, e.c.payload, e.c.policy_version)
-        .where(e.c.case_id.in_(list(case_ids)))
-        .order_by(e.c.case_id, e.c.seq)
-    )
-    for row in tx.connection.execute(stmt):
-        out[row.case_id].append(EventRecord(
-            row.id, row.case_id, row.seq, row.type, row.actor_id, row.actor_role, row.at,
-            row.reason, row.payload, row.policy_version,
-        ))
-    return out
+    return tx.histories(case_ids)
 
 
 def write_facts(
@@ -265,9 +250,8 @@ def write_facts(
     conn = tx.connection
     conn.execute(sa.delete(t.units).where(t.units.c.case_id.in_(ids)))
     conn.execute(sa.delete(t.facts).where(t.facts.c.case_id.in_(ids)))
-    conn.execute(sa.insert(t.facts), [dict(r) for r in rows])
-    if units:
-        conn.execute(sa.insert(t.units), [dict(u) for u in units])
+    tx.insert_rows(t.facts, rows)
+    tx.insert_rows(t.units, units)
 
 
 def score_rows(
@@ -290,8 +274,7 @@ def retire_scores(tx: StoreTx, t: AggregateTables, ids: Sequence[int]) -> None:
 
 
 def insert_scores(tx: StoreTx, t: AggregateTables, rows: Sequence[Mapping[str, Any]]) -> None:
-    if rows:
-        tx.connection.execute(sa.insert(t.scores), [dict(r) for r in rows])
+    tx.insert_rows(t.scores, rows)
 
 
 def facts_versions(tx: StoreTx, t: AggregateTables) -> list[str | None]:

@@ -254,6 +254,10 @@ def _case_from_row(row: Sequence[Any]) -> CaseRecord:
     return CaseRecord(*row)
 
 
+#: case ids per ``IN (…)`` of :meth:`StoreTx.histories` on SQLite
+_IN_CHUNK = 500
+
+
 def _event_from_row(row: Sequence[Any]) -> EventRecord:
     return EventRecord(*row)
 
@@ -740,6 +744,45 @@ class StoreTx:
         """Every event of the case, ordered by ``seq``."""
         rows = self._conn.execute(self._s.history, {"b_case_id": case_id})
         return [_event_from_row(r) for r in rows]
+
+    def histories(self, case_ids: Sequence[str]) -> dict[str, list[EventRecord]]:
+        """Every event of each case, ordered by ``seq``, in one query (``[]`` for a case
+        without events or not stored)."""
+        out: dict[str, list[EventRecord]] = {cid: [] for cid in case_ids}
+        if not out:
+            return out
+        ids = list(out)
+        fast, raw = self._fast, self._raw
+        if fast is not None and raw is not None:
+            for at in range(0, len(ids), _IN_CHUNK):  # SQLite caps the parameters
+                chunk = ids[at:at + _IN_CHUNK]
+                stmt = fast.histories(len(chunk))
+                convert = stmt.row
+                for r in fast.execute(raw, stmt.sql, chunk):
+                    out[r[1]].append(EventRecord(*convert(r)))
+            return out
+        e = self._t.events
+        query = (
+            sa.select(*self._s.history.selected_columns)
+            .where(e.c.case_id.in_(ids))
+            .order_by(e.c.case_id, e.c.seq)
+        )
+        for row in self._conn.execute(query):
+            out[row[1]].append(_event_from_row(row))
+        return out
+
+    def insert_rows(self, table: sa.Table, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Insert plain rows into ``table`` (a table of this store's metadata, e.g. the
+        aggregates'), in bulk; on SQLite straight on the driver connection."""
+        groups: dict[tuple[str, ...], list[Mapping[str, Any]]] = {}
+        for row in rows:  # one statement per column set
+            groups.setdefault(tuple(row), []).append(row)
+        fast, raw = self._fast, self._raw
+        for columns, group in groups.items():
+            if fast is not None and raw is not None:
+                fast.run_many(raw, fast.insert(table, columns), group)
+            else:
+                self._conn.execute(sa.insert(table), [dict(r) for r in group])
 
     def query_cases(
         self,

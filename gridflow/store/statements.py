@@ -393,6 +393,8 @@ class SqliteFast:
         self._update_stmt = stmts.update_case
         self._counts: dict[tuple[str, ...], Compiled] = {}
         self._stmts = stmts
+        self._histories: dict[int, Compiled] = {}
+        self._inserts: dict[tuple[str, tuple[str, ...]], Compiled] = {}
 
     def update(self, columns: tuple[str, ...]) -> Compiled:
         """The case update writing ``columns`` (one compiled form per column set)."""
@@ -447,6 +449,30 @@ class SqliteFast:
             return raw.executemany(sql, rows)
         except sqlite3.Error as exc:
             raise DBAPIError.instance(sql, rows, exc, sqlite3.Error, dialect=self.dialect) from exc
+
+    def histories(self, n: int) -> Compiled:
+        """The events of ``n`` cases (parameters ``i0`` … ``i<n-1>``), by case and seq."""
+        entry = self._histories.get(n)
+        if entry is None:
+            e = self._stmts.history.selected_columns
+            t = self._stmts._tables.events
+            stmt = (
+                sa.select(*e)
+                .where(t.c.case_id.in_([sa.bindparam(f"i{k}") for k in range(n)]))
+                .order_by(t.c.case_id, t.c.seq)
+            )
+            if len(self._histories) >= 16:
+                self._histories.clear()
+            entry = self._histories[n] = Compiled(stmt, self.dialect, None)
+        return entry
+
+    def insert(self, table: sa.Table, columns: tuple[str, ...]) -> Compiled:
+        """A plain insert of ``columns`` into ``table`` (one compiled form per column set)."""
+        key = (table.name, columns)
+        entry = self._inserts.get(key)
+        if entry is None:
+            entry = self._inserts[key] = Compiled(sa.insert(table), self.dialect, columns)
+        return entry
 
     def case_from_row(self, row: Sequence[Any]) -> CaseRecord:
         return CaseRecord(*self.select_case.row(row))
