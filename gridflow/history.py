@@ -128,6 +128,8 @@ class History:
         :class:`~gridflow.errors.RoutingError` (it would be too low). A replay of a log in
         time order calls it as the log advances, so that memory holds the cases its
         windows can still reach, not the whole log."""
+        if when.tzinfo is None or when.utcoffset() is None:
+            raise ValueError(f"naive datetime {when.isoformat()}: give an aware time")
         t = when.astimezone(UTC).timestamp()
         if self._horizon is not None and t <= self._horizon:
             return

@@ -61,6 +61,17 @@ def snapshot(engine: Engine, case_id: str) -> tuple[int, list[Any], dict[str, An
     return view.version, [e.to_dict() for e in engine.history(case_id)], dict(view.data)
 
 
+def assert_refused(
+    engine: Engine, case_id: str, calls: list[tuple[Any, type[Exception], str]]
+) -> None:
+    """Each call raises its error (message matched) and leaves the case as it was."""
+    before = snapshot(engine, case_id)
+    for call, error, message in calls:
+        with pytest.raises(error, match=message):
+            call()
+        assert snapshot(engine, case_id) == before
+
+
 def timers(engine: Engine, case_id: str) -> list[tuple[str, datetime, datetime | None]]:
     with engine.store.transaction() as tx:
         return [(t.kind, t.due_at, t.fired_at) for t in tx.timers(case_id)]
@@ -409,7 +420,6 @@ def test_a_dispatched_case_is_reassigned_before_anyone_accepts_it(engine: Engine
     accepted, the case is handed over to a person only (see the next test)."""
     cid = to_state(engine, "filed", "09-missing-person")
     dispatched = engine.dispatch(cid, DISPATCHER)
-    before = snapshot(engine, cid)
     bad: list[tuple[Any, type[Exception], str]] = [
         (lambda: engine.reassign(cid, DUTY_CHIEF, "busy", handler="nobody"),
          CaseValidationError, "handlers: duty-officer, community-officer"),
@@ -424,10 +434,7 @@ def test_a_dispatched_case_is_reassigned_before_anyone_accepts_it(engine: Engine
         (lambda: engine.reassign(cid, DUTY_CHIEF, "busy", handler="duty-officer"),
          TransitionNotAllowed, "already assigned"),
     ]
-    for call, error, message in bad:
-        with pytest.raises(error, match=message):
-            call()
-        assert snapshot(engine, cid) == before
+    assert_refused(engine, cid, bad)
     view = engine.reassign(cid, DUTY_CHIEF, "the duty officer is at a traffic accident",
                            handler="community-officer")
     assert (view.state, view.lead, view.handler) == ("dispatched", "police-station",
@@ -459,7 +466,6 @@ def test_a_case_being_handled_is_handed_over_to_a_colleague(engine: Engine) -> N
     accepted = engine.accept(cid, Actor("duty-officer", "handler", department="police-station"))
     with engine.store.transaction(readonly=True) as tx:
         timers = tx.timers(cid)
-    before = snapshot(engine, cid)
     bad: list[tuple[Any, type[Exception], str]] = [
         (lambda: engine.reassign(cid, DUTY_CHIEF, "busy"), CaseValidationError,
          "handler: is required: who takes over"),
@@ -476,10 +482,7 @@ def test_a_case_being_handled_is_handed_over_to_a_colleague(engine: Engine) -> N
         (lambda: engine.reassign(cid, DUTY_CHIEF, None, handler="officer-wang"),  # type: ignore[arg-type]
          CaseValidationError, "reason"),
     ]
-    for call, error, message in bad:
-        with pytest.raises(error, match=message):
-            call()
-        assert snapshot(engine, cid) == before
+    assert_refused(engine, cid, bad)
     view = engine.reassign(cid, DUTY_CHIEF, "the duty officer went to a traffic accident",
                            handler="officer-wang")
     assert (view.state, view.lead, view.handler) == ("handling", "police-station",

@@ -262,6 +262,8 @@ def test_a_history_that_forgets_counts_exactly_what_it_still_reaches(
     horizon = T - timedelta(hours=forget_h)
     kept.forget_before(horizon)
     kept.forget_before(horizon - timedelta(days=1))  # forgetting never goes back
+    with pytest.raises(ValueError, match="naive datetime"):
+        kept.forget_before(horizon.replace(tzinfo=None))
     kept.add(CaseIn(category="E01-10", location="g1", address="1号",
                     reported_at=horizon - timedelta(minutes=1)))  # too old to be kept
     since = T - timedelta(hours=window_h)
