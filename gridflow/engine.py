@@ -504,6 +504,8 @@ class Engine:
         with self._transaction() as tx:
             record = tx.require_case(case_id, for_update=True)
             state = self._next_state(workflow, record.state, trigger, actor.role, case_id)
+            if state != record.state and record.data.get("pending_appeal") is not None:
+                self._keep_appeal_decidable(workflow, record, trigger, state, actor)
             spec = workflow.graph.trigger(trigger)
             reason = self._text(reason_field, reason, required=spec.needs_reason)
             proj = record.data
@@ -523,6 +525,21 @@ class Engine:
             tx.append(self._record(new, policy.version, record), record.version, events)
             self._replan(tx, case_id, proj, new)
             return CaseView.from_data(new)
+
+    @staticmethod
+    def _keep_appeal_decidable(
+        workflow: Workflow, record: CaseRecord, trigger: str, state: str, actor: Actor
+    ) -> None:
+        """A pending appeal is decided before the case moves where it could not be upheld
+        (a reopen while a resident appeal waits, handling while the department contests the
+        routing): otherwise it could only be rejected."""
+        kind = record.data["pending_appeal"]["kind"]
+        uphold = f"uphold_{kind}_appeal"
+        if trigger != uphold and uphold not in workflow.allowed_triggers(state):
+            raise TransitionNotAllowed(
+                trigger, record.state, case_id=record.case_id, role=actor.role,
+                reason=f"a {kind} appeal is pending: decide it first (decide_appeal)",
+            )
 
     # -- step 1: intake ---------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "IDENT_PATTERN",
     "CalendarRangeError",
     "CaseNotFound",
     "CaseValidationError",
@@ -28,6 +29,7 @@ __all__ = [
     "RoutingError",
     "TransitionNotAllowed",
     "WorkflowDefinitionError",
+    "plain_message",
     "suggest",
     "suggest_choice",
 ]
@@ -47,6 +49,21 @@ def suggest_choice(err: Mapping[str, Any]) -> str | None:
             and isinstance(expected, str)):
         return suggest(err["input"], re.findall(r"'([^']*)'", expected))
     return None
+
+
+#: the pattern of ids (departments, tiers, units, rules...): ``schema.Ident``
+IDENT_PATTERN = r"^[A-Za-z][A-Za-z0-9_\-]*$"
+
+
+def plain_message(err: Mapping[str, Any]) -> str:
+    """A pydantic error's message, in words for someone editing a rule file or a case."""
+    kind, value = err.get("type"), err.get("input")
+    if kind == "timezone_aware":
+        return "needs a UTC offset, e.g. 2026-03-09 08:05+08:00"
+    if kind == "string_pattern_mismatch" and (err.get("ctx") or {}).get("pattern") == IDENT_PATTERN:
+        return (f"{value!r} is not an id: an id is a letter, then letters, digits, "
+                "'_' or '-'")
+    return str(err["msg"]).removeprefix("Value error, ")
 
 
 @dataclass(frozen=True, order=True)

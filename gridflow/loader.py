@@ -6,8 +6,10 @@ Every problem of the directory is collected in one pass and raised together as a
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
+import re
 import types
 import typing
 from collections.abc import Callable, Iterable
@@ -29,7 +31,14 @@ from gridflow.compiler import (
     check_regex,
 )
 from gridflow.conditions import CATEGORY, LowerContext, Predicate, lower_when
-from gridflow.errors import CaseValidationError, DefinitionError, Problem, suggest, suggest_choice
+from gridflow.errors import (
+    CaseValidationError,
+    DefinitionError,
+    Problem,
+    plain_message,
+    suggest,
+    suggest_choice,
+)
 from gridflow.policy import Lifecycle
 from gridflow.registry import DEFAULT_CHANNELS, CategoryInfo, DepartmentInfo, Registry, UnitInfo
 from gridflow.routing import Router, RouteRule, validate_case
@@ -39,6 +48,7 @@ from gridflow.schema import (
     CalendarSpec,
     Category,
     Department,
+    DurationText,
     EscalationSpec,
     EvaluationSpec,
     Organisation,
@@ -52,11 +62,12 @@ from gridflow.schema import (
     Table,
     Unit,
 )
-from gridflow.yamlsrc import Limits, Located, read_yaml
+from gridflow.yamlsrc import BAD_SCALAR, Limits, Located, read_yaml
 
 __all__ = ["LoadedTest", "PolicySource", "load_policy", "read_sources"]
 
 YPath = tuple[str | int, ...]
+_NOT_AN_ID = re.compile(r"'([^']+)' is not an id")
 DEFAULT_LEVELS = ("district", "street", "community", "grid")
 
 
@@ -68,6 +79,8 @@ class PolicySource:
     files: list[tuple[Located, PolicyFile]]
     version: str
     problems: list[Problem] = field(default_factory=list)
+    #: files that could not be read at all (whatever they define is missing)
+    unreadable: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -146,6 +159,25 @@ def _unwrap_model(tp: Any) -> Any:
     return tp
 
 
+def _expects_duration(path: YPath) -> bool:
+    """Whether the value at ``path`` is a duration (a time limit, a window...)."""
+    parent = _model_at(PolicyFile, path[:-1]) if path else None
+    fld = parent.model_fields.get(str(path[-1])) if parent is not None else None
+    return fld is not None and _mentions(fld.annotation, DurationText)
+
+
+def _mentions(tp: Any, target: Any) -> bool:
+    return tp == target or any(_mentions(a, target) for a in typing.get_args(tp))
+
+
+def _duration_forms() -> str:
+    try:
+        parse_duration("")
+    except ValueError as exc:
+        return str(exc).split("; ", 1)[-1]
+    raise AssertionError("an empty duration parsed")
+
+
 def _model_keys(model: type[BaseModel]) -> list[str]:
     return [f.alias or n for n, f in model.model_fields.items()]
 
@@ -177,6 +209,8 @@ def _schema_problems(located: Located, exc: ValidationError, prefix: YPath = ())
     keep = [p for p in paths if not any(q != p and q[: len(p)] == p for q in paths)]
     problems = []
     for p in keep:
+        if p in located.bad:
+            continue  # already reported by the YAML reader
         errs = grouped[p]
         extra = [e for e in errs if e["type"] == "extra_forbidden"]
         if extra:
@@ -196,9 +230,13 @@ def _schema_problems(located: Located, exc: ValidationError, prefix: YPath = ())
         messages: list[str] = []
         value_errors = [e for e in errs if e["type"] == "value_error"]
         for e in value_errors or errs:
-            msg = str(e["msg"]).removeprefix("Value error, ")
+            msg = plain_message(e)
             if msg not in messages:
                 messages.append(msg)
+        number = errs[0].get("input")
+        if (isinstance(number, int | float) and not isinstance(number, bool)
+                and _expects_duration(p)):
+            messages = [f"{number} has no unit: " + _duration_forms()]
         where = ".".join(str(x) for x in p) or "file"
         hint = next(filter(None, map(suggest_choice, errs)), None)
         problems.append(located.problem(p, f"{where}: " + " or ".join(messages[:3]),
@@ -366,11 +404,17 @@ def _salvage_routing(located: Located, value: dict[str, Any], problems: list[Pro
     return Routing.model_construct(default=default, tables=tables)  # type: ignore[arg-type]
 
 
+#: problems after which a file is still read: a duplicate key (the first value is kept), a
+#: value YAML cannot construct (kept as text; its schema error is not repeated)
+_READABLE = ("duplicate key", f"{BAD_SCALAR} ")
+
+
 def read_sources(root: str | os.PathLike[str], limits: Limits | None = None) -> PolicySource:
     """Read and schema-validate every rule file under ``root`` (no cross-file checks)."""
     base = Path(root)
     problems: list[Problem] = []
     files: list[tuple[Located, PolicyFile]] = []
+    unreadable: list[str] = []
     digest = hashlib.sha256()
     if not base.exists():
         raise DefinitionError([Problem(str(base), 1, 1, "policy directory does not exist")])
@@ -385,8 +429,9 @@ def read_sources(root: str | os.PathLike[str], limits: Limits | None = None) -> 
         digest.update(rel.encode() + b"\0" + raw + b"\0")
         located, found = read_yaml(display, raw, limits)
         problems += found
-        if located.data is None or any(not p.message.startswith("duplicate key") for p in found):
-            continue  # nothing trustworthy in this file (a duplicate key keeps the first value)
+        if located.data is None or any(not p.message.startswith(_READABLE) for p in found):
+            unreadable.append(display)  # nothing trustworthy in it
+            continue
         if located.data is None or located.data == {}:
             continue
         if not isinstance(located.data, dict):
@@ -398,7 +443,7 @@ def read_sources(root: str | os.PathLike[str], limits: Limits | None = None) -> 
             model, found = _salvage(located)
             problems += found
         files.append((located, model))
-    return PolicySource(base, files, digest.hexdigest()[:16], problems)
+    return PolicySource(base, files, digest.hexdigest()[:16], problems, unreadable)
 
 
 # --- cross-file assembly ------------------------------------------------------------------
@@ -427,6 +472,10 @@ class _Builder:
             located.problem(path, message, key=key, suggestion=suggestion, severity=severity)
         )
 
+    def err_dir(self, message: str, severity: str = "error") -> None:
+        """A problem of the directory as a whole (a section no file has)."""
+        self.problems.append(Problem(str(self.source.root), 1, 1, message, severity=severity))
+
     def single(self, name: str, value: Any, located: Located, path: YPath) -> None:
         if value is None:
             return
@@ -436,6 +485,16 @@ class _Builder:
             self.err(located, path, f"'{name}' is already defined in {other.path}:{line}", key=True)
             return
         self.singletons[name] = (located, value)
+
+    def name_hints(self, reg: Registry) -> None:
+        """Where a display name stands for an id (``lead: 街道环卫所``), suggest the id."""
+        ids = {u.name: u.id for u in reg.units.values()}
+        ids.update({name: level for level, name in reg.level_names.items()})
+        ids.update({d.name: d.id for d in reg.departments.values()})
+        for i, p in enumerate(self.problems):
+            m = _NOT_AN_ID.search(p.message)
+            if m and p.suggestion is None and m.group(1) in ids:
+                self.problems[i] = dataclasses.replace(p, suggestion=ids[m.group(1)])
 
     # organisation ------------------------------------------------------------------------
 
@@ -452,15 +511,7 @@ class _Builder:
                     "routing.default", model.routing.default, located, ("routing", "default")
                 )
         if "organisation" not in self.singletons:
-            first = self.source.files[0][0] if self.source.files else None
-            if first is not None:
-                self.err(first, (), "no 'organisation' section in any rule file")
-            else:
-                self.problems.append(
-                    Problem(
-                        str(self.source.root), 1, 1, "no 'organisation' section in any rule file"
-                    )
-                )
+            self.err_dir("no 'organisation' section in any rule file")
             return None
         org_loc, org = self.singletons["organisation"]
         org = typing.cast(Organisation, org)
@@ -566,8 +617,13 @@ class _Builder:
                 attribute_values[a.name] = tuple(a.values) if a.values is not None else None
         meta = typing.cast(PolicyMeta | None, self.singletons.get("policy", (None, None))[1])
         channels = tuple(meta.channels) if meta and meta.channels else DEFAULT_CHANNELS
+        # (without them every use would be reported too: one line says it instead)
         if not categories:
-            self.err(self.source.files[0][0], (), "no categories defined in any rule file")
+            self.incomplete = True
+            self.err_dir("no categories defined in any rule file (a 'categories' list)")
+        if not departments:
+            self.incomplete = True
+            self.err_dir("no departments defined in any rule file (a 'departments' list)")
         return Registry(
             levels=levels,
             level_names={lv.id: lv.name or lv.id for lv in org.levels},
@@ -679,23 +735,19 @@ class _Builder:
         if self.today is not None:
             left = cal.days_until_uncovered(self.today)
             if left <= 60:
-                target, path = (
-                    (located, ("calendar",)) if located else (self.source.files[0][0], ())
-                )
-                self.err(
-                    target,
-                    path,
-                    f"holiday data ends on {cal.last_covered_day} ({left} days from "
-                    f"{self.today}); add the next year under calendar.years",
-                    severity="warning",
-                )
+                message = (f"holiday data ends on {cal.last_covered_day} ({left} days from "
+                           f"{self.today}); add the next year under calendar.years")
+                if located is not None:
+                    self.err(located, ("calendar",), message, severity="warning")
+                elif not self.source.unreadable:  # (the calendar may be in one of them)
+                    self.err_dir(message, severity="warning")
         return cal
 
     # routing -----------------------------------------------------------------------------
 
     def outcome(self, reg: Registry, located: Located, o: Outcome, path: YPath) -> None:
         def dept(d: str, p: YPath) -> None:
-            if d not in reg.departments:
+            if d not in reg.departments and reg.departments:
                 self.err(
                     located, p, f"unknown department '{d}'", suggestion=suggest(d, reg.departments)
                 )
@@ -760,6 +812,7 @@ class _Builder:
         codes = sorted(reg.categories)
         table_ids: dict[str, str] = {}
         rule_ids: dict[str, str] = {}
+        self.rule_ids = rule_ids
         self.rule_locs: list[list[tuple[Located, YPath]]] = []
         for located, model in self.source.files:
             if model.routing is None:
@@ -794,6 +847,7 @@ class _Builder:
                             (*rpath, "id"),
                             f"duplicate rule id '{rule.id}' (first at {rule_ids[rule.id]})",
                         )
+                        self.incomplete = True  # (a test may name the rule it was meant to be)
                         continue
                     rule_ids[rule.id] = where
                     self.outcome(reg, located, rule.then, (*rpath, "then"))
@@ -805,7 +859,8 @@ class _Builder:
                         at_key: bool,
                         located: Located = located,
                     ) -> None:
-                        self.err(located, p, msg, suggestion=hint, key=at_key)
+                        if reg.categories or "categor" not in msg:  # (said once)
+                            self.err(located, p, msg, suggestion=hint, key=at_key)
 
                     before = len(self.problems)
                     cond = lower_when(rule.when, ctx, report, (*rpath, "when"))
@@ -1049,6 +1104,8 @@ class _Builder:
 
     def tests(self, reg: Registry) -> list[LoadedTest]:
         out: list[LoadedTest] = []
+        if not reg.categories:
+            return out  # no test case could be valid: "no categories defined" says why
         for located, model in self.source.files:
             for i, t in enumerate(model.tests or []):
                 path: YPath = ("tests", i)
@@ -1080,7 +1137,7 @@ class _Builder:
     def _check_expect(self, reg: Registry, located: Located, t: RuleTest, path: YPath) -> None:
         e = t.expect
         for key, value in (("lead", e.lead),):
-            if value is not None and value not in reg.departments:
+            if value is not None and value not in reg.departments and reg.departments:
                 self.err(
                     located,
                     (*path, "expect", key),
@@ -1093,6 +1150,14 @@ class _Builder:
                 (*path, "expect", "tier"),
                 f"unknown tier '{e.tier}'",
                 suggestion=suggest(e.tier, reg.tiers),
+            )
+        known = self.rule_ids
+        if e.rule not in (None, "default") and e.rule not in known and not self.incomplete:
+            self.err(
+                located,
+                (*path, "expect", "rule"),
+                f"unknown rule '{e.rule}' (a rule id, or 'default')",
+                suggestion=suggest(str(e.rule), known),
             )
 
 
@@ -1118,6 +1183,7 @@ def load_policy(
     reg = builder.registry() if source.files else None
     if reg is None:
         raise DefinitionError(builder.problems)
+    builder.name_hints(reg)
     cal = builder.calendar(reg)
     specs, rules = builder.routing(reg)
     builder.gaps(reg, rules)

@@ -32,6 +32,7 @@ from gridflow.errors import (
     CaseValidationError,
     FieldError,
     RoutingError,
+    plain_message,
     suggest,
     suggest_choice,
 )
@@ -154,7 +155,7 @@ def _pydantic_errors(exc: ValidationError) -> list[FieldError]:
     out = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "case"
-        msg = err["msg"]
+        msg = plain_message(err)
         if err["type"] == "missing":
             msg = "required field missing"
         elif err["type"] == "extra_forbidden":

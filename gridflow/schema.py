@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from gridflow.calendar import parse_duration
+from gridflow.errors import IDENT_PATTERN
 
 __all__ = [
     "AppealWindow",
@@ -34,6 +35,7 @@ __all__ = [
     "CaseIn",
     "Category",
     "Department",
+    "DurationText",
     "EscalationSpec",
     "EvaluationSpec",
     "Expectation",
@@ -62,7 +64,7 @@ __all__ = [
 
 Ident = Annotated[
     str,
-    StringConstraints(pattern=r"^[A-Za-z][A-Za-z0-9_\-]*$", max_length=64),
+    StringConstraints(pattern=IDENT_PATTERN, max_length=64),
     Field(description="identifier: a letter, then letters, digits, '_' or '-'"),
 ]
 Code = Annotated[

@@ -20,7 +20,10 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from gridflow.errors import Problem
 
-__all__ = ["Limits", "Located", "Path", "read_yaml"]
+__all__ = ["BAD_SCALAR", "Limits", "Located", "Path", "read_yaml"]
+
+#: how a value YAML itself cannot read (``2027-02-30``) is reported; the file is still read
+BAD_SCALAR = "invalid"
 
 Path = tuple[str | int, ...]
 
@@ -53,6 +56,8 @@ class Located:
     data: Any
     values: dict[Path, tuple[int, int]] = field(default_factory=dict)
     keys: dict[Path, tuple[int, int]] = field(default_factory=dict)
+    #: values already reported (an impossible date): schema errors there are not repeated
+    bad: set[Path] = field(default_factory=set)
 
     def where(self, loc: Path, *, key: bool = False) -> tuple[int, int]:
         """Line/col of ``loc``, falling back to the nearest located ancestor."""
@@ -234,7 +239,16 @@ class _Builder:
             return None
         if node.tag == "tag:yaml.org,2002:str":
             return node.value
-        return self.loader.construct_object(node, deep=True)
+        try:
+            return self.loader.construct_object(node, deep=True)
+        except (YAMLError, ValueError) as exc:  # e.g. 2027-02-30: the rest is still read
+            line, col = self._mark(node)
+            what = "date" if node.tag == "tag:yaml.org,2002:timestamp" else "value"
+            self.problems.append(
+                Problem(self.located.path, line, col, f"{BAD_SCALAR} {what} '{node.value}': {exc}")
+            )
+            self.located.bad.add(path)
+            return node.value
 
     def _mapping(self, node: MappingNode, path: Path, depth: int) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -252,6 +266,13 @@ class _Builder:
                 )
                 continue
             key = str(key_node.value)
+            if key[:1] == "\u3000":  # not whitespace to YAML: the key is "　name"
+                line, col = self._mark(key_node)
+                self.problems.append(Problem(
+                    self.located.path, line, col,
+                    f"full-width space (U+3000) before '{key.lstrip(_BLANKS)}': indent "
+                    "with ordinary spaces"))
+                continue
             if key in out:
                 line, col = self._mark(key_node)
                 self.problems.append(
@@ -275,12 +296,11 @@ def read_yaml(
             Problem(path, 1, 1, f"file is {size} bytes, over the limit of {limits.max_bytes}")
         ]
     if isinstance(text, bytes):
+        raw = text
         try:
-            text = text.decode("utf-8")
+            text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            return located, [
-                Problem(path, 1, 1, f"not UTF-8 text: {exc.reason} at byte {exc.start}")
-            ]
+            return located, [_not_utf8(path, raw, exc)]
     try:
         too_deep = _depth_problem(text, limits)
         if too_deep is not None:
@@ -300,7 +320,11 @@ def read_yaml(
         if context and exc.context_mark is not None and exc.problem_mark is not None:
             context += f" (line {exc.context_mark.line + 1}),"
         message = " ".join(p for p in (context, str(exc.problem or "")) if p)
-        return located, [Problem(path, line, col, f"YAML syntax error: {message}")]
+        # full-width punctuation typed with a Chinese input method is the usual cause, and
+        # YAML reports it lines later, as something else: point at the character instead
+        return located, _full_width(path, text, line) or [
+            Problem(path, line, col, f"YAML syntax error: {message}")
+        ]
     except YAMLError as exc:
         return located, [Problem(path, 1, 1, f"YAML error: {exc}")]
     if node is None:
@@ -318,6 +342,45 @@ def read_yaml(
     if located.data is None and not builder.problems:
         located.data = {}  # an explicitly empty document ('---', '~') is an empty file
     return located, builder.problems
+
+
+def _not_utf8(path: str, raw: bytes, exc: UnicodeDecodeError) -> Problem:
+    """Where the first undecodable byte is, and what to do when the file is GBK."""
+    before = raw[: exc.start]
+    line = before.count(b"\n") + 1
+    col = exc.start - (before.rfind(b"\n") + 1) + 1
+    try:
+        raw.decode("gb18030")
+    except UnicodeDecodeError:
+        hint = ""
+    else:
+        hint = " — it looks like GBK: save the file as UTF-8"
+    return Problem(path, line, col, f"not UTF-8 text ({exc.reason}){hint}")
+
+
+_BLANKS = " \t\u3000"
+_FULL_WIDTH_COLON = re.compile(r"^[ \t]*(?:-[ \t]+)?([A-Za-z_][\w\-]*)[ \t]*(：)", re.M)
+_FULL_WIDTH_SPACE = re.compile(r"^[ \t]*(?:-[ \t]*)?(\u3000)", re.M)
+
+
+def _full_width(path: str, text: str, last_line: int) -> list[Problem]:
+    """Full-width colons after a key, and full-width spaces in indentation up to the line
+    where YAML gave up."""
+    found = []
+    for rx, message in (
+        (_FULL_WIDTH_COLON, "full-width colon '：' after '{key}': YAML needs the ASCII colon ':'"),
+        (_FULL_WIDTH_SPACE, "full-width space (U+3000) in the indentation: indent with "
+                            "ordinary spaces"),
+    ):
+        for m in rx.finditer(text):
+            line = text.count("\n", 0, m.start()) + 1
+            if line > last_line and rx is _FULL_WIDTH_SPACE:
+                break  # (it may begin a paragraph of a block text further down)
+            at = m.start(m.lastindex or 0)
+            col = at - (text.rfind("\n", 0, at) + 1) + 1
+            key = m.group(1) if rx is _FULL_WIDTH_COLON else ""
+            found.append(Problem(path, line, col, message.format(key=key)))
+    return sorted(found)
 
 
 def walk(data: Any, path: Path = ()) -> Iterator[tuple[Path, Any]]:

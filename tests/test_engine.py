@@ -750,6 +750,34 @@ def test_score_appeal_names_the_contested_criteria(engine: Engine) -> None:
     assert_consistent(engine, done)
 
 
+def test_a_pending_appeal_is_decided_before_the_case_moves_out_of_its_reach(
+    engine: Engine,
+) -> None:
+    """Reopening while a resident appeal waits, or handing in feedback while the department
+    contests the routing, would leave an appeal that could only be rejected: refused,
+    nothing changed, until the reviewer decides. Moves that keep it decidable go on."""
+    closed = to_state(engine, "closed")
+    engine.appeal(closed, RESIDENT, "resident", "the pothole is still there")
+    before = snapshot(engine, closed)
+    with pytest.raises(TransitionNotAllowed, match="resident appeal is pending: decide it first"):
+        engine.reopen(closed, RESIDENT, "still broken")
+    assert snapshot(engine, closed) == before
+    # evaluating keeps the appeal decidable (it may be upheld from 'evaluated' too)
+    assert engine.evaluate(closed, RESIDENT, "satisfied").state == "evaluated"
+    assert engine.decide_appeal(closed, REVIEWER, upheld=True).state == "handling"
+
+    handling = to_state(engine, "handling")
+    engine.appeal(handling, CIVIL, "routing", "cards are issued by the street")
+    before = snapshot(engine, handling)
+    with pytest.raises(TransitionNotAllowed, match="routing appeal is pending"):
+        engine.feedback(handling, CIVIL, evidence=["https://img/1.jpg"])
+    assert snapshot(engine, handling) == before
+    engine.decide_appeal(handling, REVIEWER, upheld=False, reason="it is yours")
+    assert engine.feedback(handling, CIVIL, evidence=["https://img/1.jpg"]).state == "handled"
+    assert_consistent(engine, closed)
+    assert_consistent(engine, handling)
+
+
 def test_close_records_how_the_case_was_resolved(engine: Engine) -> None:
     """``resolution`` is a key of the scoring ``resolution`` table (the example district
     keeps the default one); ``normal`` is not recorded (scoring derives it)."""

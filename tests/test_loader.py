@@ -344,6 +344,27 @@ BROKEN = [
         (("categories.yaml", "{normal: 2wd, urgent: 4wh}", "{urgent: 4wh}"),),
         (Expected("categories.yaml", "{urgent: 4wh}", "must give 'normal'"),),
     ),
+    Broken(
+        "time-limit-without-unit",
+        (("routing.yaml", "time_limit: 1wd}", "time_limit: 20}"),),
+        (Expected("routing.yaml", "20}", "20 has no unit: accepted forms: 4wh"),),
+    ),
+    # --- display names where an id belongs ------------------------------------------------
+    Broken(
+        "department-name-as-lead",
+        (("routing.yaml", GARBAGE_THEN, "then: {lead: 环卫所, pool: east}"),),
+        (Expected("routing.yaml", "环卫所", "'环卫所' is not an id", "sanitation"),),
+    ),
+    Broken(
+        "level-name-as-tier",
+        (("routing.yaml", GARBAGE_THEN, "then: {lead: sanitation, pool: east, tier: 街道}"),),
+        (Expected("routing.yaml", "街道", "'街道' is not an id", "street"),),
+    ),
+    Broken(
+        "unknown-name-as-lead",
+        (("routing.yaml", GARBAGE_THEN, "then: {lead: 环卫处, pool: east}"),),
+        (Expected("routing.yaml", "环卫处", "'环卫处' is not an id: an id is a letter"),),
+    ),
     # --- overlap, shadowing and gaps --------------------------------------------------------
     Broken(
         "unique-with-overlapping-rules",
@@ -379,6 +400,13 @@ BROKEN = [
         "calendar-make-up-workday-in-another-year",
         extra={"calendar.yaml": CAL.format(workdays="2028-01-08")},
         expected=(Expected("calendar.yaml", "2028-01-08", "belongs to year 2028"),),
+    ),
+    Broken(
+        "calendar-impossible-date-beside-another-error",
+        extra={"calendar.yaml": CAL.format(workdays="2027-02-30, 2027/01/09")},
+        expected=(Expected("calendar.yaml", "2027-02-30",
+                           "invalid date '2027-02-30': day is out of range for month"),
+                  Expected("calendar.yaml", "2027/01/09", "invalid date separator")),
     ),
     # --- sections defined twice --------------------------------------------------------------
     Broken(
@@ -419,11 +447,34 @@ BROKEN = [
         (("tests.yaml", "expect: {lead: urban-mgmt,", "expect: {lead: urban-mgnt,"),),
         (Expected("tests.yaml", "urban-mgnt", "unknown department 'urban-mgnt'", "urban-mgmt"),),
     ),
+    Broken(
+        "rule-test-expects-unknown-rule",
+        (("tests.yaml", "rule: street-order,", "rule: street-ordr,"),),
+        (Expected("tests.yaml", "street-ordr", "unknown rule 'street-ordr'", "street-order"),),
+    ),
+    Broken(
+        "rule-test-case-time-without-offset",
+        (("tests.yaml", '"2026-03-09T10:00:00+08:00"', '"2026-03-09T10:00:00"'),),
+        (Expected("tests.yaml", '"2026-03-09T10:00:00"',
+                  "reported_at: needs a UTC offset, e.g. 2026-03-09 08:05+08:00"),),
+    ),
     # --- files that are not rule files --------------------------------------------------------
     Broken(
         "yaml-syntax-error-in-one-file",
         (("policy.yaml", "  name: mini", "  name: [mini"),),
         (Expected("policy.yaml", ": 测试用", "YAML syntax error"),),
+    ),
+    Broken(
+        "full-width-colon-after-a-key",
+        (("policy.yaml", "  name: mini", "  name： mini"),),
+        (Expected("policy.yaml", "： mini", "full-width colon '：' after 'name'"),),
+    ),
+    Broken(
+        "full-width-space-as-indentation",
+        (("departments.yaml", "  - {id: centre", "\u3000- {id: centre"),),
+        (Expected("departments.yaml", "\u3000- {id",
+                  "full-width space (U+3000) in the indentation"),),
+        exact=False,
     ),
     Broken(
         "file-that-is-not-a-mapping",
@@ -846,7 +897,46 @@ def test_missing_directory_and_empty_directory(tmp_path: Path) -> None:
 def test_no_organisation_anywhere(tmp_path: Path) -> None:
     root = make_policy(tmp_path / "p", remove=("organisation.yaml",))
     err = load_errors(root)
-    assert any("no 'organisation' section" in p.message for p in err.problems)
+    (p,) = [p for p in err.problems if "no 'organisation' section" in p.message]
+    assert (p.path, p.line, p.col) == (str(root), 1, 1)  # the directory: no file has it
+
+
+@pytest.mark.parametrize(
+    ("edit", "cause"),
+    [
+        (("departments.yaml", "departments:", "departmens:"), "unknown key 'departmens'"),
+        (("departments.yaml", "departments:", "departments:\n  - {id: [}"), "YAML syntax"),
+    ],
+    ids=["misspelt-section", "unreadable-file"],
+)
+def test_missing_departments_are_said_once_not_at_every_use(
+    edit: Edit, cause: str, tmp_path: Path
+) -> None:
+    root = make_policy(tmp_path / "p", (edit,))
+    err = load_errors(root)
+    messages = [p.message for p in err.errors]
+    assert any(cause in m for m in messages), messages
+    (p,) = [p for p in err.errors if "no departments defined" in p.message]
+    assert p.path == str(root)
+    assert not any("unknown department" in m for m in messages), messages
+    assert len(messages) == 2, messages
+
+
+def test_missing_categories_are_said_once_not_at_every_use(tmp_path: Path) -> None:
+    root = make_policy(tmp_path / "p", remove=("categories.yaml",))
+    messages = [p.message for p in load_errors(root).errors]
+    assert any("no categories defined" in m for m in messages), messages
+    assert not any("unknown category" in m for m in messages), messages
+
+
+def test_an_unreadable_file_does_not_pin_the_calendar_warning_elsewhere(tmp_path: Path) -> None:
+    root = make_policy(tmp_path / "p", (("policy.yaml", "  name: mini", "  name: [mini"),))
+    err = load_errors(root, today=dt.date(2026, 12, 1))
+    assert not any(p.severity == "warning" for p in err.problems), str(err)
+    # with every file readable, the built-in calendar's end is a warning of the directory
+    plain = make_policy(tmp_path / "q")
+    (w,) = load_policy(plain, today=dt.date(2026, 12, 1)).warnings
+    assert (w.path, w.line, w.col) == (str(plain), 1, 1) and "2026-12-31" in w.message
 
 
 def test_a_single_file_can_be_loaded_directly(tmp_path: Path) -> None:

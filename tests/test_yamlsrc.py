@@ -285,12 +285,58 @@ def test_max_bytes_counts_utf8_bytes_not_characters() -> None:
 def test_non_utf8_bytes() -> None:
     p = only_problem(b"a: ok\nb: \xff\xfe\n")
     assert "not UTF-8" in p.message
-    assert "byte 9" in p.message
+    assert (p.line, p.col) == (2, 4)  # the first byte that is not UTF-8
+    assert "GBK" not in p.message
 
 
 def test_gbk_encoded_file_is_not_utf8() -> None:
-    p = only_problem("name: 网格员\n".encode("gbk"))
+    p = only_problem("a: 1\nname: 网格员\n".encode("gbk"))
     assert "not UTF-8" in p.message
+    assert "it looks like GBK: save the file as UTF-8" in p.message
+    assert at(p) == (2, 7)
+
+
+# --- values YAML cannot construct -----------------------------------------------------------
+
+
+def test_an_impossible_date_is_reported_where_it_is_and_the_rest_is_read() -> None:
+    located, problems = read_yaml("f.yaml", "a: 1\nb: [2027-01-01, 2027-02-30]\nc: 网格\n")
+    (p,) = problems
+    assert at(p) == (2, 17)
+    assert p.message == "invalid date '2027-02-30': day is out of range for month"
+    # kept as its text (so its schema check does not report it again), the rest as usual
+    assert located.data == {"a": 1, "b": [dt.date(2027, 1, 1), "2027-02-30"], "c": "网格"}
+    assert located.bad == {("b", 1)}
+
+
+# --- full-width punctuation (a Chinese input method left on) ---------------------------------
+
+
+def test_a_full_width_colon_after_a_key_is_pointed_at() -> None:
+    text = "policy:\n  name： mini\n  description: x\nrouting:\n  default：{lead: a}\n"
+    _located, problems = read_yaml("f.yaml", text)
+    assert [(at(p), p.message) for p in problems] == [
+        ((2, 7), "full-width colon '：' after 'name': YAML needs the ASCII colon ':'"),
+        ((5, 10), "full-width colon '：' after 'default': YAML needs the ASCII colon ':'"),
+    ]
+
+
+def test_full_width_punctuation_inside_text_is_text() -> None:
+    text = "policy:\n  name: 说明：网格\n  description: |\n    Note：\n    \u3000\u3000据报道\n"
+    located, problems = read_yaml("f.yaml", text)
+    assert problems == []
+    assert located.data["policy"]["name"] == "说明：网格"
+
+
+def test_a_full_width_space_in_the_indentation_is_pointed_at() -> None:
+    p = only_problem("policy:\n  name: a\n\u3000\u3000description: b\n  x: 1\n")
+    assert at(p) == (3, 1)  # not line 4, where YAML gives up
+    assert "full-width space (U+3000) in the indentation" in p.message
+    for text in ("policy:\n  name: a\n\u3000description: b\n",  # YAML reads '　description'
+                 "policy:\n  name: a\n\u3000 description: b\n"):
+        p = only_problem(text)
+        assert at(p) == (3, 1)
+        assert p.message.startswith("full-width space (U+3000) before 'description'")
 
 
 # --- syntax errors ------------------------------------------------------------------------
