@@ -29,7 +29,7 @@ from gridflow.loader import load_policy
 from gridflow.policy import Policy, RuleTestResult
 from gridflow.routing import Decision
 from gridflow.schema import CaseIn
-from gridflow.store import Store
+from gridflow.store import IdempotencyConflict, Store, StoreSchemaError, TransactionConflict
 
 __version__ = "0.1.0"
 
@@ -49,6 +49,7 @@ __all__ = [
     "GridflowError",
     "GridflowRuntimeError",
     "History",
+    "IdempotencyConflict",
     "Policy",
     "PolicyHandle",
     "Problem",
@@ -56,6 +57,8 @@ __all__ = [
     "RoutingError",
     "RuleTestResult",
     "Store",
+    "StoreSchemaError",
+    "TransactionConflict",
     "TransitionNotAllowed",
     "WorkflowDefinitionError",
     "__version__",

@@ -134,18 +134,24 @@ def _decision_json(d: Decision) -> dict[str, Any]:
 def route(directory: str, case_file: str, explain: bool, as_json: bool) -> None:
     """Route a case (or a JSON list of cases); CASE.json may be '-' for stdin.
 
+    A list is routed when every case in it is valid (each invalid one is reported).
     History conditions count the list's cases reported before each case."""
     # stdout carries only the decisions (JSON with --json); problems go to stderr
     policy = _load(directory, report=_err)
     data = _read_json(case_file)
     cases = data if isinstance(data, list) else [data]
     decisions: list[Decision] = []
+    valid, invalid = [], []
+    for i, case in enumerate(cases):  # every invalid case is reported, then none is routed
+        try:
+            valid.append(policy.router.validate(
+                case, source=f"{case_file}[{i}]" if isinstance(data, list) else case_file))
+        except GridflowError as exc:
+            invalid.append(str(exc))
+    if invalid:
+        _err.print("\n".join(invalid), markup=False)
+        sys.exit(1)
     try:
-        valid = [
-            policy.router.validate(case, source=f"{case_file}[{i}]" if isinstance(data, list)
-                                   else case_file)
-            for i, case in enumerate(cases)
-        ]
         history = History(valid) if policy.router.history_specs else None
         decisions += [policy.router.route(case, history=history) for case in valid]
     except GridflowError as exc:

@@ -160,7 +160,8 @@ _VIEW_FIELDS: dict[str, Callable[[Mapping[str, Any]], Any]] = {
 
 
 def _invalid(name: str, message: str) -> CaseValidationError:
-    return CaseValidationError([FieldError(name, message)])
+    """A command's argument is invalid."""
+    return CaseValidationError([FieldError(name, message)], subject="argument")
 
 
 def _criteria(kind: str, criteria: str | Iterable[str] | None) -> list[str] | None:
@@ -1167,7 +1168,10 @@ class Engine:
             self._next_state(workflow, record.state, trigger, SYSTEM.role, case_id)
         except TransitionNotAllowed:
             return []
-        events = [self._event(trigger, SYSTEM, now, None, {"due_at": iso(due_at)}, policy)]
+        # a warning says when it was due and when the case is due (the deadline)
+        payload = ({"due_at": iso(due_at)} if kind == "overdue"
+                   else {"warn_at": iso(due_at), "due_at": proj["due_at"]})
+        events = [self._event(trigger, SYSTEM, now, None, payload, policy)]
         new = apply(proj, events[0])
         if trigger == "mark_overdue" and new["tier"] in policy.lifecycle.escalate_on_overdue:
             esc = self._escalation(policy, workflow, new, now, SYSTEM,

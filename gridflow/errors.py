@@ -29,6 +29,7 @@ __all__ = [
     "RoutingError",
     "TransitionNotAllowed",
     "WorkflowDefinitionError",
+    "field_errors",
     "plain_message",
     "suggest",
     "suggest_choice",
@@ -64,6 +65,22 @@ def plain_message(err: Mapping[str, Any]) -> str:
         return (f"{value!r} is not an id: an id is a letter, then letters, digits, "
                 "'_' or '-'")
     return str(err["msg"]).removeprefix("Value error, ")
+
+
+def field_errors(errors: Iterable[Mapping[str, Any]]) -> list[FieldError]:
+    """Pydantic's errors (``exc.errors()``) of a case, one :class:`FieldError` each."""
+    out = []
+    for err in errors:
+        loc = ".".join(str(p) for p in err["loc"]) or "case"
+        msg = plain_message(err)
+        if err["type"] == "missing":
+            msg = "required field missing"
+        elif err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        elif hint := suggest_choice(err):
+            msg += f" (did you mean '{hint}'?)"
+        out.append(FieldError(loc, msg))
+    return out
 
 
 @dataclass(frozen=True, order=True)
@@ -128,14 +145,18 @@ class FieldError:
 
 
 class CaseValidationError(GridflowRuntimeError):
-    """A case (or command payload) is invalid; names every bad field."""
+    """A case (or a command's arguments: ``subject="argument"``) is invalid; names every
+    bad field."""
 
-    def __init__(self, errors: Sequence[FieldError], *, source: str | None = None):
+    def __init__(
+        self, errors: Sequence[FieldError], *, source: str | None = None, subject: str = "case"
+    ):
         self.errors: tuple[FieldError, ...] = tuple(errors)
         self.source = source
+        self.subject = subject
         prefix = f"{source}: " if source else ""
-        lines = [f"{prefix}invalid case: {e}" for e in self.errors]
-        super().__init__("\n".join(lines) or f"{prefix}invalid case")
+        lines = [f"{prefix}invalid {subject}: {e}" for e in self.errors]
+        super().__init__("\n".join(lines) or f"{prefix}invalid {subject}")
 
     @property
     def fields(self) -> tuple[str, ...]:

@@ -14,10 +14,12 @@ import bisect
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Protocol
+from typing import Any, Protocol
+
+from pydantic import ValidationError
 
 from gridflow.calendar import parse_duration
-from gridflow.errors import RoutingError
+from gridflow.errors import CaseValidationError, RoutingError, field_errors
 from gridflow.schema import CaseIn
 
 __all__ = ["HISTORY_FIELDS", "CaseHistory", "History", "HistorySpec", "window_of"]
@@ -105,7 +107,10 @@ class History:
     :meth:`forget_before` drops what no window will reach any more (a streaming replay)."""
 
     def __init__(
-        self, cases: Iterable[CaseIn] = (), *, only: Iterable[Sequence[str]] | None = None
+        self,
+        cases: Iterable[CaseIn | Mapping[str, Any]] = (),
+        *,
+        only: Iterable[Sequence[str]] | None = None,
     ):
         self._cases: list[tuple[float, Mapping[str, object]]] | None = (
             [] if only is None else None
@@ -147,8 +152,14 @@ class History:
             for key in gone:
                 del index[key]
 
-    def add(self, case: CaseIn) -> None:
-        """Remember a case (one without ``reported_at`` has no place in time: skipped)."""
+    def add(self, case: CaseIn | Mapping[str, Any]) -> None:
+        """Remember a case, a :class:`CaseIn` or a document as ``route`` takes it (one
+        without ``reported_at`` has no place in time: skipped)."""
+        if not isinstance(case, CaseIn):
+            try:
+                case = CaseIn.model_validate(case)
+            except ValidationError as exc:
+                raise CaseValidationError(field_errors(exc.errors()), source="history") from None
         if case.reported_at is not None:
             self.add_fields(case.reported_at, {n: getattr(case, n) for n in HISTORY_FIELDS})
 

@@ -32,9 +32,8 @@ from gridflow.errors import (
     CaseValidationError,
     FieldError,
     RoutingError,
-    plain_message,
+    field_errors,
     suggest,
-    suggest_choice,
 )
 from gridflow.history import CaseHistory, HistorySpec
 from gridflow.registry import Registry
@@ -151,21 +150,6 @@ class RouteRule:
     cond: Cond
 
 
-def _pydantic_errors(exc: ValidationError) -> list[FieldError]:
-    out = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "case"
-        msg = plain_message(err)
-        if err["type"] == "missing":
-            msg = "required field missing"
-        elif err["type"] == "extra_forbidden":
-            msg = "unknown field"
-        elif hint := suggest_choice(err):
-            msg += f" (did you mean '{hint}'?)"
-        out.append(FieldError(loc, msg))
-    return out
-
-
 def validate_case(
     reg: Registry, data: CaseIn | Mapping[str, Any], *, source: str | None = None
 ) -> CaseIn:
@@ -179,7 +163,7 @@ def validate_case(
         try:
             case = CaseIn.model_validate(dict(data))
         except ValidationError as exc:
-            errors = _pydantic_errors(exc)
+            errors = field_errors(exc.errors())
             bad = {e.field.partition(".")[0] for e in errors}
             raw = {k: v for k, v in data.items() if k not in bad}
             attributes = raw.get("attributes")

@@ -249,10 +249,16 @@ def test_route_invalid_case_exits_1_naming_the_field(
 
 
 def test_route_invalid_case_in_a_list_names_its_index() -> None:
-    cases = [GARBAGE, {"category": "E01-10", "location": "g9"}]
-    result = run("route", str(MINI), "-", input=json.dumps(cases))
+    cases = [GARBAGE, {"category": "E01-10", "location": "g9"}, GARBAGE,
+             {"category": "E01-1", "location": "g1"}]
+    result = run("route", str(MINI), "-", "--json", input=json.dumps(cases))
     assert result.exit_code == 1
-    assert "-[1]: invalid case: location: unknown unit 'g9'" in result.stderr
+    # every invalid case is reported, and none of the list is routed
+    assert result.stderr.splitlines() == [
+        "-[1]: invalid case: location: unknown unit 'g9'",
+        "-[3]: invalid case: category: unknown category 'E01-1' (did you mean 'E01-11'?)",
+    ]
+    assert result.stdout == ""
 
 
 def test_route_bad_json_exits_1_with_line_and_column(tmp_path: Path) -> None:

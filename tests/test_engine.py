@@ -574,10 +574,14 @@ def test_tick_warns_then_marks_overdue_once(engine: Engine, clock: ManualClock) 
     assert engine.tick(view.warn_at - timedelta(seconds=1)) == []
     fired = engine.tick(view.warn_at)
     assert [e.type for e in fired] == ["warn"]
+    # the warning carries its own time and the deadline it warns of
+    when = {k: datetime.fromisoformat(v) for k, v in fired[0].payload.items()}
+    assert when == {"warn_at": view.warn_at, "due_at": view.due_at}
     assert engine.tick(view.warn_at) == []  # idempotent
     assert engine.get(cid).warned and not engine.get(cid).overdue
     fired = engine.tick(view.due_at + timedelta(hours=1))
     assert [(e.type, e.actor_role) for e in fired] == [("mark_overdue", "system")]
+    assert datetime.fromisoformat(fired[0].payload["due_at"]) == view.due_at
     assert engine.tick(view.due_at + timedelta(hours=1)) == []
     assert engine.get(cid).overdue
     assert engine.get(cid).tier == "district"  # wujin does not escalate on overdue
@@ -776,6 +780,14 @@ def test_a_pending_appeal_is_decided_before_the_case_moves_out_of_its_reach(
     assert engine.feedback(handling, CIVIL, evidence=["https://img/1.jpg"]).state == "handled"
     assert_consistent(engine, closed)
     assert_consistent(engine, handling)
+
+
+def test_a_bad_argument_is_named_as_an_argument_not_a_case(engine: Engine) -> None:
+    cid = to_state(engine, "dispatched")
+    with pytest.raises(CaseValidationError) as info:
+        engine.escalate(cid, GRID_CHIEF, "")
+    assert info.value.fields == ("reason",) and info.value.subject == "argument"
+    assert str(info.value).startswith("invalid argument: reason: ")
 
 
 def test_close_records_how_the_case_was_resolved(engine: Engine) -> None:

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from gridflow import Actor, Engine, load_policy
 from gridflow.clock import ManualClock
 from gridflow.conditions import describe
-from gridflow.errors import DefinitionError, GridflowError, RoutingError
+from gridflow.errors import CaseValidationError, DefinitionError, GridflowError, RoutingError
 from gridflow.history import History, HistorySpec, window_of
 from gridflow.importer import LogRecord
 from gridflow.policy import Policy
@@ -157,6 +157,18 @@ def test_without_a_history_only_the_case_itself_counts(policy: Policy) -> None:
     hit = seen.hits[0]
     assert hit.rule == "same-address-thrice"
     assert any("history" in c.condition and c.seen == 3 for c in hit.conditions)
+
+
+def test_a_history_takes_case_documents_as_route_does(policy: Policy) -> None:
+    docs = [{"category": "E01-10", "location": "g1", "address": ADDRESS, "description": "垃圾",
+             "reported_at": (T - timedelta(days=d)).isoformat()} for d in (1, 2)]
+    doc = {**docs[0], "reported_at": T.isoformat()}
+    assert policy.route(doc, history=History(docs)).lead == "centre"
+    assert policy.route(doc, history=History(docs[:1])).lead == "sanitation"
+    with pytest.raises(CaseValidationError) as info:
+        History([*docs, {"category": "E01-10", "reported_at": "2026-03-15T10:00:00"}])
+    assert info.value.fields == ("location", "reported_at")
+    assert str(info.value).startswith("history: invalid case: location: required field missing")
 
 
 def test_a_case_without_address_never_matches_same_address(policy: Policy) -> None:

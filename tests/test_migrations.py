@@ -279,6 +279,35 @@ def test_upgrade_fills_the_history_columns_of_stored_cases(empty_db: EmptyDataba
         engine.dispose()
 
 
+def test_a_database_behind_the_schema_is_a_clear_error_and_nothing_is_written(
+    empty_db: EmptyDatabase,
+) -> None:
+    """No tables (never set up), or tables at 0002 (no intake columns): every command is
+    refused with StoreSchemaError naming the fix, not a driver error with the SQL; once
+    upgraded, the same command works and nothing earlier was half-written."""
+    from gridflow import Actor, StoreSchemaError
+
+    engine = make_engine(empty_db.url)
+    try:
+        store = Store(engine, table_prefix="behind_", schema=empty_db.schema)
+        desk = Engine(load_policy(WUJIN), store, ManualClock(T0))
+        case = {"category": "E01-10", "location": "qdj-g3", "description": "路边有暴露垃圾"}
+        who = Actor("gw-1", "grid_worker")
+        with pytest.raises(StoreSchemaError, match=r"gridflow db upgrade URL") as info:
+            desk.report(case, who)
+        assert "behind_cases" in info.value.detail
+        assert upgrade(engine, prefix="behind_", schema=empty_db.schema, revision="0002")
+        with pytest.raises(StoreSchemaError) as info:
+            desk.report(case, who)
+        assert "location" in info.value.detail or "address" in info.value.detail
+        upgrade(engine, prefix="behind_", schema=empty_db.schema)
+        view = desk.report(case, who)
+        with store.transaction(readonly=True) as tx:
+            assert [c.case_id for c in tx.iter_cases()] == [view.id]
+    finally:
+        engine.dispose()
+
+
 def test_upgrades_from_several_nodes_at_once(empty_db: EmptyDatabase) -> None:
     """Deploying several nodes runs the upgrade concurrently: one migrates, the others
     wait for its lock and find the schema current."""

@@ -8,6 +8,7 @@ connection or session), :class:`StoreTx` and :func:`upgrade`.
 from gridflow.store.core import (
     IdempotencyConflict,
     Store,
+    StoreSchemaError,
     StoreTx,
     TransactionConflict,
     make_engine,
@@ -30,6 +31,7 @@ __all__ = [
     "NewEvent",
     "OutboxMessage",
     "Store",
+    "StoreSchemaError",
     "StoreTables",
     "StoreTx",
     "TimerRecord",

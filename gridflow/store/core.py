@@ -127,6 +127,39 @@ class TransactionConflict(ConcurrencyConflict):
         self.actual_version = None
 
 
+class StoreSchemaError(GridflowRuntimeError):
+    """The database does not hold gridflow's tables at the current migration: never set
+    up, or left at an older one. Nothing was written. ``detail`` is what the database
+    said."""
+
+    def __init__(self, detail: str):
+        super().__init__(
+            f"the database is not at gridflow's schema ({detail}): bring it there with "
+            "`gridflow db upgrade URL` (gridflow.store.upgrade), or Store.create_all() for "
+            "tests and embedded SQLite"
+        )
+        self.detail = detail
+
+
+_PG_SCHEMA = {"42P01", "42703", "3F000"}  # undefined table, undefined column, no such schema
+_MYSQL_SCHEMA = {1146, 1054}  # table doesn't exist, unknown column
+_SQLITE_SCHEMA = ("no such table", "no such column", "has no column named")
+
+
+def _schema_missing(fam: str, exc: DBAPIError) -> str | None:
+    """What the database says is missing, when a statement met an older or absent schema."""
+    orig = exc.orig
+    text = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
+    if fam == "postgresql":
+        return text if str(getattr(orig, "sqlstate", "") or "") in _PG_SCHEMA else None
+    if fam == "mysql":
+        args = getattr(orig, "args", ())
+        return text if args and args[0] in _MYSQL_SCHEMA else None
+    if isinstance(orig, sqlite3.OperationalError) and any(m in text for m in _SQLITE_SCHEMA):
+        return text
+    return None
+
+
 _PG_RETRYABLE = {
     "40001": "serialization failure",
     "40P01": "deadlock",
@@ -1498,9 +1531,11 @@ class Store:
                 with self._session.begin_nested():
                     holder.append(self._tx(conn))
                     yield holder[0]
-        except DBAPIError as exc:
+        except (DBAPIError, sqlite3.Error) as exc:  # (the latter: the compiled SQLite path)
             self._failed(holder[0] if holder else None)
-            conflict = self._conflict(exc)
+            error = exc if isinstance(exc, DBAPIError) else DBAPIError.instance(
+                None, None, exc, sqlite3.Error)
+            conflict = self._conflict(error) if isinstance(error, DBAPIError) else None
             if conflict is not None:
                 raise conflict from exc
             raise
@@ -1520,10 +1555,14 @@ class Store:
         if self._cache is not None and tx is not None:
             self._cache.drop(tx._touched | set(tx._new_cached))
 
-    def _conflict(self, exc: DBAPIError) -> TransactionConflict | None:
-        """The retryable error to raise instead of ``exc``, if it is one."""
+    def _conflict(self, exc: DBAPIError) -> TransactionConflict | StoreSchemaError | None:
+        """The gridflow error to raise instead of ``exc``, if it is one: a retryable
+        conflict, or a schema that is missing or behind."""
         detail = _retryable(self.dialect_name, exc)
-        return None if detail is None else TransactionConflict(detail)
+        if detail is not None:
+            return TransactionConflict(detail)
+        missing = _schema_missing(self.dialect_name, exc)
+        return None if missing is None else StoreSchemaError(missing)
 
     def _after_fork(self) -> None:
         """In a forked child: never use the parent's pooled connections."""
