@@ -159,6 +159,24 @@ def _unwrap_model(tp: Any) -> Any:
     return tp
 
 
+def _readable(data: Any, path: YPath) -> str:
+    """A path for people: list items by their id, name or code (``routing.tables[main]
+    .rules[home-repair].then.time_limit``), else by their 1-based position."""
+    out = ""
+    current = data
+    for part in path:
+        if isinstance(part, int):
+            item = current[part] if isinstance(current, list) and part < len(current) else None
+            label = next((item[k] for k in ("id", "code", "name")
+                          if isinstance(item, dict) and isinstance(item.get(k), str)), None)
+            out += f"[{label if label is not None else f'#{part + 1}'}]"
+            current = item
+        else:
+            out += f".{part}" if out else str(part)
+            current = current.get(part) if isinstance(current, dict) else None
+    return out or "file"
+
+
 def _expects_duration(path: YPath) -> bool:
     """Whether the value at ``path`` is a duration (a time limit, a window...)."""
     parent = _model_at(PolicyFile, path[:-1]) if path else None
@@ -237,7 +255,7 @@ def _schema_problems(located: Located, exc: ValidationError, prefix: YPath = ())
         if (isinstance(number, int | float) and not isinstance(number, bool)
                 and _expects_duration(p)):
             messages = [f"{number} has no unit: " + _duration_forms()]
-        where = ".".join(str(x) for x in p) or "file"
+        where = _readable(located.data, p)
         hint = next(filter(None, map(suggest_choice, errs)), None)
         problems.append(located.problem(p, f"{where}: " + " or ".join(messages[:3]),
                                         suggestion=hint))
@@ -739,7 +757,8 @@ class _Builder:
                            f"{self.today}); add the next year under calendar.years")
                 if located is not None:
                     self.err(located, ("calendar",), message, severity="warning")
-                elif not self.source.unreadable:  # (the calendar may be in one of them)
+                elif not self.source.unreadable and not any(  # (a broken calendar's)
+                        "calendar" in loc.data for loc, _ in self.source.files):
                     self.err_dir(message, severity="warning")
         return cal
 

@@ -332,7 +332,15 @@ BROKEN = [
     Broken(
         "time-limit-garbage",
         (("routing.yaml", "{normal: 1wd, urgent: 2wh}", "{normal: 1wd, urgent: soon}"),),
-        (Expected("routing.yaml", "soon", "invalid duration 'soon'"),),
+        # the path names list items by id (or, without one, by 1-based position)
+        (Expected("routing.yaml", "soon", "routing.tables[main].rules[street-order].then"
+                  ".time_limit.urgent: invalid duration 'soon'"),),
+    ),
+    Broken(
+        "path-names-an-item-without-id-by-position",
+        extra={"calendar.yaml": CAL.format(workdays="2027-01-09, soon")},
+        expected=(Expected("calendar.yaml", "soon",
+                           "calendar.years.2027.workdays[#2]: Input should be a valid date"),),
     ),
     Broken(
         "time-limit-by-urgency-without-normal-in-rule",
