@@ -727,14 +727,17 @@ class Engine:
                 lead, pool, handler = new_lead, None, None
                 tier = reg.departments[new_lead].tier
                 unit = reg.unit_for_tier(location, tier) or reg.departments[new_lead].unit
-            current = c.proj["tier"]
+            # an escalation holds: a case dispatched again (returned, routing appeal upheld)
+            # stays at the highest tier an escalation took it to, if the route is lower;
+            # the tier of the earlier route alone does not hold (the department was wrong)
+            reached = [e["to"] for e in c.proj["escalations"] if e["to"] in reg.tiers]
+            floor = max(reached, key=reg.tier_rank, default=None)
             if (
-                current is not None
-                and current in reg.tiers
+                floor is not None
                 and tier in reg.tiers
-                and reg.tier_rank(current) > reg.tier_rank(tier)  # escalated earlier
+                and reg.tier_rank(floor) > reg.tier_rank(tier)
             ):
-                tier = current
+                tier = floor
                 unit = reg.unit_for_tier(location, tier) or unit
             due, warn = self._deadline(policy, c.now, decision.time_limit)
             payload.update({

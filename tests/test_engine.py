@@ -620,6 +620,21 @@ def test_escalation_by_timeout(strict_engine: Engine) -> None:
     assert_consistent(engine, cid)
 
 
+def test_a_returned_case_takes_the_tier_of_its_new_route(engine: Engine) -> None:
+    """One return is not an escalation: the elderly card goes back from the district's
+    civil affairs bureau and is routed to the street command centre, at the street tier
+    (its route's), not at the district tier of the department that returned it. An
+    escalation does hold over the next route (see the next test)."""
+    cid = to_state(engine, "dispatched", "08-elderly-card")
+    assert (engine.get(cid).lead, engine.get(cid).tier) == ("district-civil", "district")
+    engine.return_case(cid, CIVIL, "cards are issued by the street")
+    view = engine.dispatch(cid, DISPATCHER)
+    assert (view.lead, view.tier, view.escalations) == ("street-command", "street", ())
+    decision = engine.history(cid)[-1].payload["decision"]
+    assert (view.tier, view.unit) == (decision["tier"], decision["unit"])
+    assert_consistent(engine, cid)
+
+
 def test_escalation_by_repeated_returns(engine: Engine) -> None:
     cid = to_state(engine, "dispatched", "10-dog-nuisance")
     assert engine.get(cid).lead == "community-station"
