@@ -438,6 +438,9 @@ def _replay_summary(doc: dict[str, Any]) -> None:
         if life["errors"]:
             _out.print(f"  {life['errors']:,} step(s) refused by the engine: "
                        f"{life['errors_by_step']}", markup=False)
+            for e in life["error_list"][:10]:  # the rest are in --json / --html
+                _err.print(f"  row {e['row']} ({e['case_id']}) {e['step']}: {e['message']}",
+                           markup=False)
     cmp_doc = doc.get("compare")
     if cmp_doc is not None:
         _compare_summary(cmp_doc)

@@ -833,12 +833,18 @@ class LogReader:
     ) -> Iterator[LogRecord]:
         report = self.report
         fail = self.on_error == "fail"
+        ids: set[str] = set()  # a case id twice would be counted, routed and replayed twice
         for number, row, converter in rows:
             report.rows += 1
             try:
                 if converter is None:
                     raise row
                 record = converter.record(number, row)
+                case_id = record.case.id
+                if case_id is not None:
+                    if case_id in ids:
+                        raise _RowProblem("id", f"case id '{case_id}' is on an earlier row")
+                    ids.add(case_id)
             except _RowProblem as exc:
                 error = RowError(number, exc.field, exc.message)
                 report.add(error)

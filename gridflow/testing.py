@@ -138,13 +138,17 @@ def gridflow_replay(
 ) -> Callable[..., dict[str, Any]]:
     """Replay a log: ``gridflow_replay(policy_or_dir, log, map=None, **replay_kwargs)``
     where ``log`` is a CSV/JSONL path or an iterable of ``LogRecord``; returns the report
-    (see :func:`gridflow.replay.replay`). Runs on in-memory SQLite unless ``store=``."""
+    (see :func:`gridflow.replay.replay`). ``compare=`` takes a policy or a directory, as
+    the first argument does. Runs on in-memory SQLite unless ``store=``."""
     from gridflow.importer import LogReader, load_mapping
     from gridflow.replay import replay
 
     def run(policy: str | Path | Policy, log: Any, map: str | Path | None = None,
             **kwargs: Any) -> dict[str, Any]:
         loaded = policy if isinstance(policy, Policy) else gridflow_policy_loader(policy)
+        other = kwargs.get("compare")
+        if other is not None and not isinstance(other, Policy):
+            kwargs["compare"] = gridflow_policy_loader(other)
         if isinstance(log, str | Path):
             mapping = load_mapping(map, loaded) if map is not None else None
             log = LogReader(log, mapping, policy=loaded)

@@ -105,6 +105,23 @@ def test_bad_rows_are_reported_with_row_and_reason_and_skipped(
     assert rep.to_dict()["bad_rows"] == 6
 
 
+def test_a_case_id_twice_is_a_bad_row_the_second_time(tmp_path: Path, wujin: Policy) -> None:
+    text = ("id,category,location\nW1,E01-10,qdj-g3\nW2,E01-10,qdj-g3\nW1,E04-09,qdj-g3\n"
+            "W3,E01-10,qdj-g3\n")
+    path = _write(tmp_path, "log.csv", text)
+    reader = LogReader(path, policy=wujin)
+    assert [(r.row, r.case.id) for r in reader] == [(2, "W1"), (3, "W2"), (5, "W3")]
+    assert (reader.report.imported, reader.report.bad) == (3, 1)
+    (error,) = reader.report.errors
+    assert (error.row, error.field) == (4, "id")
+    assert error.message == "case id 'W1' is on an earlier row"
+    # each iteration reads the file afresh (the ids of the last one are not remembered)
+    assert len(list(reader)) == 3
+    with pytest.raises(LogImportError) as err:
+        list(LogReader(path, policy=wujin, on_error="fail"))
+    assert "log.csv:4: id: case id 'W1' is on an earlier row" in str(err.value)
+
+
 def test_on_error_fail_stops_at_the_first_bad_row(tmp_path: Path, wujin: Policy) -> None:
     path = _write(tmp_path, "log.csv", "id,category,location\nok,E01-10,qdj-g3\nbad,ZZ,qdj-g3\n")
     reader = LogReader(path, policy=wujin, on_error="fail")

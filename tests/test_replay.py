@@ -4,6 +4,7 @@ hand; batch mode = command by command; deterministic reports; what-if comparison
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 from datetime import datetime, timedelta
@@ -595,6 +596,8 @@ def test_cli_replay_and_report_with_a_table_prefix_and_jobs(
     assert result.exit_code == 0, result.output
     assert "life cycle: 0 reported" in result.output
     assert "step(s) refused by the engine" in result.output
+    # the first refusals are listed with their row and case (on stderr)
+    assert re.search(r"^  row 2 \(\S+\) \w+: ", result.stderr, re.M), result.stderr
     assert "--jobs 2: replaying in one process" in result.output
     # without history conditions the shards replay, and their copy refuses, naming the case
     result = runner.invoke(main, ["replay", str(wujin_without_history), str(log600), "--db", url,
