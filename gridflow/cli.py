@@ -527,7 +527,8 @@ def _compare_summary(cmp_doc: Mapping[str, Any]) -> None:
 @click.option("--on-error", type=click.Choice(["skip", "fail"]), default=None,
               help="Bad rows: report and skip (default), or stop at the first.")
 @click.option("--until", metavar="TIME",
-              help="Fire timers up to this time (ISO 8601); default: the log's latest time.")
+              help="Fire timers up to this time (ISO 8601), not before the log's latest "
+                   "step; default: the log's latest time.")
 @click.option("--jobs", default=1, show_default=True, type=click.IntRange(min=1),
               help="Worker processes for the life-cycle replay (same report; --db must not "
                    "hold the log's cases).")

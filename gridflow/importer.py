@@ -25,6 +25,7 @@ import json
 import os
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -181,9 +182,10 @@ def _check_mapping(spec: MappingSpec, policy: Policy | None) -> list[tuple[tuple
         if fs.column is not None and fs.value is not None:
             out.append(((*where, "value"), "give either a column or a value, not both", None,
                         True))
+        meant = fs.map
         if isinstance(fs.map, str) and fs.map not in spec.maps:
-            out.append(((*where, "map"), f"no map named '{fs.map}' under maps",
-                        suggest(fs.map, spec.maps), False))
+            meant = suggest(fs.map, spec.maps)  # its values are checked as that map's
+            out.append(((*where, "map"), f"no map named '{fs.map}' under maps", meant, False))
         if fs.format is not None and target not in TIME_TARGETS:
             out.append(((*where, "format"), "format only applies to time fields", None, True))
         if target.startswith("attributes.") and reg is not None:
@@ -197,10 +199,10 @@ def _check_mapping(spec: MappingSpec, policy: Policy | None) -> list[tuple[tuple
             "category": reg.categories, "location": reg.units, "department": reg.departments,
             "channel": dict.fromkeys(reg.channels),
         }.get(target)
-        table = spec.maps.get(fs.map) if isinstance(fs.map, str) else fs.map
+        table = spec.maps.get(meant) if isinstance(meant, str) else meant
         if known is not None and table:
             map_path: tuple[str | int, ...] = (
-                ("maps", fs.map) if isinstance(fs.map, str) else (*where, "map")
+                ("maps", meant) if isinstance(meant, str) else (*where, "map")
             )
             for source, value in table.items():
                 if value is not None and str(value) not in known:
@@ -227,14 +229,52 @@ def parse_mapping(
     try:
         spec = MappingSpec.model_validate(data)
     except ValidationError as exc:
-        raise DefinitionError(_located_errors(located, exc)) from None
-    found = _check_mapping(spec, policy)
+        # every problem at once: the parts that are valid are checked as well
+        problems, rest, dropped = _located_errors(located, exc), *_salvage_mapping(data, exc)
+        try:
+            partial = MappingSpec.model_validate(rest)
+        except ValidationError:
+            raise DefinitionError(problems) from None
+        raise DefinitionError(
+            sorted({*problems, *_semantic_problems(located, partial, policy, dropped)})
+        ) from None
+    found = _semantic_problems(located, spec, policy)
     if found:
-        raise DefinitionError([
-            located.problem(loc, message, key=at_key, suggestion=hint)
-            for loc, message, hint, at_key in found
-        ])
+        raise DefinitionError(found)
     return spec
+
+
+def _semantic_problems(
+    located: Located, spec: MappingSpec, policy: Policy | None,
+    dropped: AbstractSet[str | int] = frozenset(),
+) -> list[Problem]:
+    """:func:`_check_mapping`'s problems, located; none about entries ``dropped`` (refused
+    by the schema, already reported)."""
+    unsure = dropped & {"fields", "category", "location"}  # (then "map the required…" is)
+    return [
+        located.problem(loc, message, key=at_key, suggestion=hint)
+        for loc, message, hint, at_key in _check_mapping(spec, policy)
+        if not dropped & set(loc[:2])
+        and not (unsure and "required case field" in message)
+    ]
+
+
+def _salvage_mapping(
+    data: dict[str, Any], exc: ValidationError
+) -> tuple[dict[str, Any], set[str | int]]:
+    """The mapping file without the entries pydantic refused (a field, a map or a
+    top-level key), and what was dropped (their semantic checks would be noise)."""
+    rest = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    dropped: set[str | int] = set()
+    for err in exc.errors():
+        loc = err["loc"]
+        if len(loc) >= 2 and loc[0] in ("fields", "maps") and isinstance(rest.get(loc[0]), dict):
+            rest[loc[0]].pop(loc[1], None)
+            dropped.add(loc[1])
+        elif loc:
+            rest.pop(str(loc[0]), None)
+            dropped.add(loc[0])
+    return rest, dropped
 
 
 _UNION_TAGS = ("str", "FieldSpec", "list[str]")

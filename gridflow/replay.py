@@ -763,6 +763,16 @@ class _Counted:
         if last is not None and reported < last:
             self.error(record, "admit", out_of_order(reported, last))
             return None
+        if self.until is not None:
+            steps = plan(record)
+            latest = steps[-1][0] if steps else reported
+            if max(latest, reported) > self.until:
+                raise GridflowRuntimeError(
+                    f"row {record.row}: its steps run to {max(latest, reported).isoformat()}, "
+                    f"after --until {self.until.isoformat()}: open cases are judged at "
+                    "--until, so it must not precede the log (leave it out: the log's "
+                    "latest time)"
+                )
         self._last_reported = reported
         return reported
 

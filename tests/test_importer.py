@@ -171,16 +171,34 @@ fields:
 """
     with pytest.raises(DefinitionError) as err:
         parse_mapping(text, path="map.yaml", policy=wujin)
+    # all at once: the schema's refusal and what the rest of the file gets wrong
     msgs = [str(p) for p in err.value.problems]
-    assert msgs == ["map.yaml:5:14: unknown key 'colum' (did you mean 'column'?)"]
+    assert msgs[0] == "map.yaml:1:11: unknown time zone 'Mars/Olympus'"
+    assert msgs[1].startswith("map.yaml:2:21: 'ymd' is not a time format")
+    assert msgs[2:] == [
+        "map.yaml:4:31: no map named 'categoris' under maps",
+        "map.yaml:5:14: unknown key 'colum' (did you mean 'column'?)",
+        "map.yaml:6:3: unknown case field 'descripton' (did you mean 'description'?)",
+    ]  # (nothing about 'location', whose entry the schema refused)
     fixed = text.replace("colum:", "column:")
     with pytest.raises(DefinitionError) as err:
         parse_mapping(fixed, path="map.yaml", policy=wujin)
+    assert [str(p) for p in err.value.problems] == msgs[:2] + msgs[2:3] + msgs[4:]
+
+
+def test_a_misspelt_map_name_checks_the_map_it_means(wujin: Policy) -> None:
+    text = """maps:
+  categories: {垃圾: E01-1O}
+fields:
+  category: {column: 小类, map: categoris}
+  location: 网格
+"""
+    with pytest.raises(DefinitionError) as err:
+        parse_mapping(text, path="map.yaml", policy=wujin)
     msgs = [str(p) for p in err.value.problems]
-    assert "map.yaml:1:11: unknown time zone 'Mars/Olympus'" in msgs
-    assert any(m.startswith("map.yaml:2:21: 'ymd' is not a time format") for m in msgs)
-    assert "map.yaml:4:31: no map named 'categoris' under maps" in msgs
-    assert "map.yaml:6:3: unknown case field 'descripton' (did you mean 'description'?)" in msgs
+    assert msgs[0].startswith("map.yaml:2:20: unknown category 'E01-1O' (did you mean")
+    assert msgs[1:] == [
+        "map.yaml:4:31: no map named 'categoris' under maps (did you mean 'categories'?)"]
 
 
 def test_mapping_values_are_checked_against_the_policy(wujin: Policy) -> None:

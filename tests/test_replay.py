@@ -17,7 +17,14 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 
-from gridflow import Actor, DefinitionError, Engine, GridflowError, load_policy
+from gridflow import (
+    Actor,
+    DefinitionError,
+    Engine,
+    GridflowError,
+    GridflowRuntimeError,
+    load_policy,
+)
 from gridflow.cli import main
 from gridflow.clock import ManualClock
 from gridflow.generate import write_log
@@ -35,6 +42,7 @@ from gridflow.replay import (
     to_json,
 )
 from gridflow.schema import CaseIn
+from gridflow.shards import ShardedLifecycleReplay
 from gridflow.store import Store
 from gridflow.store.unitofwork import BatchAborted
 from gridflow.strategies import case_ins, log_records
@@ -623,6 +631,29 @@ def test_cli_replay_errors(tmp_path: Path) -> None:
                                   "--on-error", "fail"])
     assert result.exit_code == 1 and "log.csv:3: category: unknown category 'XX'" in (
         result.output)
+
+
+def test_until_before_the_log_is_refused_at_the_first_row_past_it(log600: Path) -> None:
+    """Open cases are judged at ``until``: steps after it would count cases closed that
+    were still open then. One process and shards refuse alike; a later ``until`` runs."""
+    records = list(LogReader(log600, policy=WUJIN))
+    first = records[0]
+    cut = first.case.reported_at + timedelta(minutes=1)
+    assert cut < plan(first)[-1][0]  # the first case is closed after that
+    target = Store(outbox=False)
+    target.create_all()
+    for run in (LifecycleReplay(WUJIN, until=cut),
+                ShardedLifecycleReplay(WUJIN, target, jobs=2, until=cut)):
+        with pytest.raises(GridflowRuntimeError, match=rf"^row {first.row}: its steps run to "):
+            run.feed(first)
+        if isinstance(run, ShardedLifecycleReplay):
+            run.close()
+    later = max(step[0] for r in records for step in plan(r))
+    doc = replay(WUJIN, records, mode="lifecycle", until=later + timedelta(days=1))
+    assert doc["lifecycle"]["errors"] == 0
+    result = CliRunner().invoke(main, ["replay", str(WUJIN_DIR), str(log600), "--until",
+                                       cut.isoformat()])
+    assert result.exit_code == 1 and f"row {first.row}: its steps run to" in result.output
 
 
 def test_example_harness_runs_with_the_plugin(pytester: pytest.Pytester) -> None:
