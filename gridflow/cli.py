@@ -468,6 +468,10 @@ def _compare_summary(cmp_doc: Mapping[str, Any]) -> None:
     q, cr = cmp_doc["policy"], cmp_doc["routing"]
     _out.print(f"what-if {q['name']} (version {q['version']})", markup=False)
     _out.print("  " + _changes("routing", cr), markup=False)
+    agreement = cr.get("agreement") or {}
+    if agreement.get("before") is not None and agreement.get("after") is not None:
+        _out.print(f"  agreement with the log: {agreement['before'] * 100:.2f}% → "
+                   f"{agreement['after'] * 100:.2f}%", markup=False)
     moved = {d: v for d, v in cr["per_department"].items() if v["change"]}
     if moved:
         table = Table(title="cases per lead department")

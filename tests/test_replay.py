@@ -549,6 +549,9 @@ def test_cli_what_if_summary_reads_like_the_json(log600: Path, changed_policy: P
     assert f"lead department {cr['changed']['lead']:,}" in text
     assert f"life cycle: {lc['changed']['any']:,} of {lc['compared']:,} cases change" in text
     assert "{'any'" not in text  # no raw dicts
+    agree = cr["agreement"]
+    assert (f"agreement with the log: {agree['before'] * 100:.2f}% → "
+            f"{agree['after'] * 100:.2f}%") in text
     for d, v in cr["per_department"].items():
         if v["change"]:
             assert f"{v['change']:+,}" in text and d in text
