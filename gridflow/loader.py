@@ -424,7 +424,7 @@ def _salvage_routing(located: Located, value: dict[str, Any], problems: list[Pro
 
 #: problems after which a file is still read: a duplicate key (the first value is kept), a
 #: value YAML cannot construct (kept as text; its schema error is not repeated)
-_READABLE = ("duplicate key", f"{BAD_SCALAR} ")
+_READABLE = ("duplicate key", f"{BAD_SCALAR} date '", f"{BAD_SCALAR} value '")
 
 
 def read_sources(root: str | os.PathLike[str], limits: Limits | None = None) -> PolicySource:
