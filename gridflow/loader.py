@@ -177,6 +177,22 @@ def _readable(data: Any, path: YPath) -> str:
     return out or "file"
 
 
+def _misplaced(key: str, at: YPath) -> str | None:
+    """Where a key that is unknown at ``at`` belongs, when it is one level off (the usual
+    indentation slip): under the mapping above, or under one of this mapping's keys."""
+    above = _model_at(PolicyFile, at[:-1]) if at else None
+    if above is not None and key in _model_keys(above) and not isinstance(at[-1], int):
+        return f"it belongs one level up, beside '{at[-1]}' (check its indentation)"
+    # under one of this mapping's keys, or of the mapping above (a sibling of this one)
+    for base in (at, at[:-1]) if at and not isinstance(at[-1], int) else (at,):
+        model = _model_at(PolicyFile, base)
+        for name in _model_keys(model) if model is not None else []:
+            below = _model_at(PolicyFile, (*base, name))
+            if below is not None and key in _model_keys(below) and (*base, name) != at:
+                return f"it belongs under '{name}' (check its indentation)"
+    return None
+
+
 def _expects_duration(path: YPath) -> bool:
     """Whether the value at ``path`` is a duration (a time limit, a window...)."""
     parent = _model_at(PolicyFile, path[:-1]) if path else None
@@ -235,10 +251,11 @@ def _schema_problems(located: Located, exc: ValidationError, prefix: YPath = ())
             key = p[-1] if p else "?"
             parent = _model_at(PolicyFile, p[:-1])
             hint = suggest(str(key), _model_keys(parent)) if parent else None
+            moved = _misplaced(str(key), p[:-1]) if not hint else None
             allowed = f" (allowed: {', '.join(_model_keys(parent))})" if parent and not hint else ""
-            problems.append(
-                located.problem(p, f"unknown key '{key}'{allowed}", key=True, suggestion=hint)
-            )
+            problems.append(located.problem(
+                p, f"unknown key '{key}'" + (f": {moved}" if moved else allowed),
+                key=True, suggestion=hint))
             continue
         missing = [e for e in errs if e["type"] == "missing"]
         if missing:

@@ -153,6 +153,23 @@ BROKEN = [
         (Expected("routing.yaml", "colour",
                   "unknown key 'colour' (allowed: lead, assist, tier, time_limit"),),
     ),
+    # --- a key one level off (indentation) ------------------------------------------------
+    Broken(
+        "then-indented-under-when",
+        (("routing.yaml", "            attributes: {households: {gte: 300}}\n          then:",
+          "            attributes: {households: {gte: 300}}\n            then:"),),
+        (Expected("routing.yaml", "then: {lead: sanitation, assist",
+                  "unknown key 'then': it belongs one level up, beside 'when' (check its "
+                  "indentation)"),),
+        exact=False,  # (the rule then has no 'then': also reported)
+    ),
+    Broken(
+        "tier-outdented-from-then",
+        (("routing.yaml", "then: {lead: sanitation, assist: [community-office]}",
+          "then: {lead: sanitation, assist: [community-office]}\n          tier: street"),),
+        (Expected("routing.yaml", "tier: street",
+                  "unknown key 'tier': it belongs under 'then' (check its indentation)"),),
+    ),
     # --- wrong types -----------------------------------------------------------------------
     Broken(
         "wrong-type-hit-policy",
