@@ -446,6 +446,15 @@ def _replay_summary(doc: dict[str, Any]) -> None:
         _compare_summary(cmp_doc)
 
 
+def _move(v: Mapping[str, Any] | None, name: str) -> str:
+    if v is None:
+        return "="
+    if name.endswith("_rate"):
+        return " → ".join("-" if x is None else f"{x * 100:.2f}%"
+                          for x in (v["before"], v["after"]))
+    return " → ".join("-" if x is None else _num(x) for x in (v["before"], v["after"]))
+
+
 _CHANGE_NAMES = {"lead": "lead department", "tier": "tier", "time_limit": "time limit",
                  "due_at": "due time", "overdue": "overdue status", "state": "final state"}
 
@@ -500,6 +509,14 @@ def _compare_summary(cmp_doc: Mapping[str, Any]) -> None:
             _out.print(table)
         else:
             _out.print("  no indicator moves", markup=False)
+        depts = Table(title="by lead department (cases, on time, composite)")
+        for col in ("department", "reported", "on time", "composite"):
+            depts.add_column(col)
+        for d, moves in lc["by_department"].items():
+            depts.add_row(d, *(_move(moves.get(k), k) for k in
+                               ("reported", "on_time_rate", "composite")))
+        if depts.row_count:
+            _out.print(depts)
     section = lc or cr
     cases = section["cases"]
     if cases:

@@ -1258,6 +1258,20 @@ def _indicator_moves(before: Mapping[str, Any], after: Mapping[str, Any]) -> dic
     }
 
 
+def _department_moves(a: _Counted, b: _Counted) -> dict[str, Any]:
+    """Per lead department, the indicators that move (departments where none does are
+    left out): who gains cases under the other policy, and how they then fare."""
+    by_a, by_b = a.indicators_by_department(), b.indicators_by_department()
+    none = Indicators.of(Tally(), a.spec).to_dict()
+    out = {}
+    for dept in sorted(set(by_a) | set(by_b)):
+        moves = _indicator_moves(by_a.get(dept, none), by_b.get(dept, none))
+        moved = {k: v for k, v in moves.items() if v["before"] != v["after"]}
+        if moved:
+            out[dept] = moved
+    return out
+
+
 def _policy_info(policy: Policy) -> dict[str, Any]:
     return {"name": policy.name, "version": policy.version}
 
@@ -1396,6 +1410,7 @@ def replay(
             comparison["lifecycle"] = {
                 **cmp_cases.to_dict(),
                 "indicators": _indicator_moves(ind_a, ind_b),
+                "by_department": _department_moves(runs[0], runs[1]),
                 "errors": runs[1].error_count,
             }
         doc["compare"] = comparison
@@ -1507,6 +1522,11 @@ def to_html(doc: Mapping[str, Any]) -> str:
                 [k, v["before"], v["after"], "" if v["change"] is None else v["change"]]
                 for k, v in lc["indicators"].items()
             ]))
+            parts.append("<h3>By lead department</h3>" + _table(
+                ["department", "indicator", "before", "after", "change"],
+                [[d, k, v["before"], v["after"], "" if v["change"] is None else v["change"]]
+                 for d, moves in lc["by_department"].items() for k, v in moves.items()],
+            ))
         changes = (lc or cr)["cases"]
         if changes:
             parts.append("<h3>Changed cases</h3>" + _table(

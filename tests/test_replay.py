@@ -558,6 +558,11 @@ def test_cli_what_if_summary_reads_like_the_json(log600: Path, changed_policy: P
     rate = lc["indicators"]["on_time_rate"]
     if rate["change"]:
         assert f"{rate['before'] * 100:.2f}%" in text
+    # per lead department: the squad gains the construction office's cases
+    squad, office = lc["by_department"]["cg-squad"], lc["by_department"]["construction-office"]
+    assert squad["reported"]["change"] > 0 and office["reported"]["change"] < 0
+    assert squad["reported"]["change"] == -office["reported"]["change"]
+    assert f"{squad['reported']['before']:,} → {squad['reported']['after']:,}" in text
     first = lc["cases"][0]
     assert first["case_id"] in text
     due = [c["after"]["due_at"] for c in lc["cases"] if c["after"]["due_at"]]
