@@ -21,6 +21,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
@@ -159,6 +160,10 @@ _VIEW_FIELDS: dict[str, Callable[[Mapping[str, Any]], Any]] = {
 
 
 
+#: (case id, version) that commands must find (:meth:`Engine.expecting`)
+_EXPECTED: ContextVar[tuple[str, int] | None] = ContextVar("gridflow_expected", default=None)
+
+
 def _invalid(name: str, message: str) -> CaseValidationError:
     """A command's argument is invalid."""
     return CaseValidationError([FieldError(name, message)], subject="argument")
@@ -264,6 +269,21 @@ class Engine:
         self._reported: dict[str, tuple[Mapping[str, Any], CaseIn]] = {}
 
     # -- plumbing ---------------------------------------------------------------------
+
+    @contextmanager
+    def expecting(self, case_id: str, version: int) -> Iterator[None]:
+        """Commands on ``case_id`` inside the block run only if the case is still at
+        ``version`` (``view.version`` when the user loaded it), else
+        :class:`ConcurrencyConflict`, nothing written: a user acting on a stale screen
+        is told so instead of the command applying to whatever the case became. Without
+        it, commands on one case take turns and each runs on the state the last left."""
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise _invalid("version", "must be a case version (an integer ≥ 1)")
+        token = _EXPECTED.set((case_id, version))
+        try:
+            yield
+        finally:
+            _EXPECTED.reset(token)
 
     @contextmanager
     def batch(self, *, size: int = 20_000) -> Iterator[UnitOfWork]:
@@ -504,6 +524,9 @@ class Engine:
         now = self._now()
         with self._transaction() as tx:
             record = tx.require_case(case_id, for_update=True)
+            expected = _EXPECTED.get()
+            if expected is not None and expected[0] == case_id and expected[1] != record.version:
+                raise ConcurrencyConflict(case_id, expected[1], record.version)
             state = self._next_state(workflow, record.state, trigger, actor.role, case_id)
             if state != record.state and record.data.get("pending_appeal") is not None:
                 self._keep_appeal_decidable(workflow, record, trigger, state, actor)

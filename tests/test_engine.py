@@ -414,6 +414,34 @@ def test_a_named_handler_goes_with_an_override_or_a_return(engine: Engine) -> No
     assert_consistent(engine, cid)
 
 
+def test_a_command_on_a_stale_screen_is_refused_when_the_host_asks(engine: Engine) -> None:
+    """Two duty chiefs hand over the same case from screens loaded at one version: without
+    ``expecting`` both apply (the last one stands); with it the second is a
+    ConcurrencyConflict naming both versions, and nothing changes."""
+    cid = to_state(engine, "filed", "09-missing-person")
+    engine.dispatch(cid, DISPATCHER)
+    seen = engine.accept(cid, Actor("duty-officer", "handler", department="police-station"))
+    with engine.expecting(cid, seen.version):
+        assert engine.reassign(cid, DUTY_CHIEF, "sent to a fire", handler="officer-li").handler \
+            == "officer-li"
+    before = snapshot(engine, cid)
+    with pytest.raises(ConcurrencyConflict) as info, engine.expecting(cid, seen.version):
+        engine.reassign(cid, DUTY_CHIEF, "on leave", handler="officer-wang")
+    assert (info.value.case_id, info.value.expected_version, info.value.actual_version) == (
+        cid, seen.version, seen.version + 1)
+    assert snapshot(engine, cid) == before
+    # other cases, and commands after the block, are not held to the version
+    other = to_state(engine, "filed")
+    with engine.expecting(cid, seen.version):
+        assert engine.dispatch(other, DISPATCHER).state == "dispatched"
+    assert engine.reassign(cid, DUTY_CHIEF, "on leave", handler="officer-wang").handler \
+        == "officer-wang"
+    for bad in (0, True, "3"):
+        with pytest.raises(CaseValidationError) as bad_info:
+            engine.expecting(cid, bad).__enter__()  # type: ignore[arg-type]
+        assert bad_info.value.fields == ("version",)
+
+
 def test_a_dispatched_case_is_reassigned_before_anyone_accepts_it(engine: Engine) -> None:
     """改派: the duty chief gives the duty officer's case to the community officer (same
     department, deadline and timers); bad requests are refused and change nothing; once

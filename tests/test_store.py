@@ -923,6 +923,85 @@ def test_deadlock_is_a_transaction_conflict(server_store: Store) -> None:
     assert conflict.detail == "deadlock"
 
 
+def test_a_deadlock_with_the_hosts_own_locks_is_a_transaction_conflict(
+    server_store: Store,
+) -> None:
+    """Host transaction A updates a row of its own, then a gridflow command in it waits
+    for a case that host transaction B (gridflow wrote it there) holds, while B waits for
+    A's row. The database aborts one; when it is A's gridflow command, A gets
+    TransactionConflict — on MariaDB the abort takes the whole transaction and its
+    savepoint with it, which must not surface as a driver error about the savepoint."""
+    store = server_store
+    assert store.engine is not None
+    schema = store.tables.schema
+    create(store, new_case("a"))
+    md = sa.MetaData()
+    host = sa.Table(f"host_{uuid.uuid4().hex[:8]}", md, sa.Column("id", sa.Integer,
+                    primary_key=True, autoincrement=False), sa.Column("v", sa.Integer),
+                    schema=schema)
+    md.create_all(store.engine)
+    try:
+        with store.engine.begin() as conn:
+            conn.execute(host.insert().values(id=1, v=0))
+        b_holds_the_case, a_waits = threading.Event(), threading.Event()
+
+        def a() -> str:
+            with store.engine.connect() as conn, conn.begin():
+                conn.execute(host.update().values(v=host.c.v + 1))
+                b_holds_the_case.wait(timeout=20)
+                a_waits.set()
+                with Store(conn, schema=schema).transaction() as tx:
+                    tx.require_case("a", for_update=True)
+            return "a committed"
+
+        def b() -> str:
+            with store.engine.connect() as conn, conn.begin():
+                with Store(conn, schema=schema).transaction() as tx:
+                    rec = tx.require_case("a", for_update=True)
+                    rec.state = "filed"
+                    tx.append(rec, 1, [ev("file", 1)])  # (more undo than A: not the victim)
+                b_holds_the_case.set()
+                a_waits.wait(timeout=20)
+                time.sleep(0.3)  # A is waiting for the case now
+                conn.execute(host.update().values(v=host.c.v + 10))
+            return "b committed"
+
+        results = run_threads(2, lambda i: (a, b)[i]())
+        errors = [r for r in results if isinstance(r, BaseException)]
+        assert len(errors) == 1, results  # one was aborted, the other committed
+        if isinstance(results[0], BaseException):  # A's gridflow command was the victim
+            assert isinstance(results[0], TransactionConflict), repr(results[0])
+            if store.dialect_name == "mysql":  # (the rollback took the host's update too)
+                assert results[0].detail == ("deadlock: the database rolled back the whole "
+                                             "transaction, the host's work included")
+    finally:
+        md.drop_all(store.engine)
+
+
+def test_a_statement_timeout_is_a_transaction_conflict(postgres: Store) -> None:
+    """A host's ``statement_timeout`` cuts a command waiting for a row lock: retryable."""
+    create(postgres, new_case("held"))
+    holding, done = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with postgres.transaction() as tx:
+            tx.require_case("held", for_update=True)
+            holding.set()
+            done.wait(timeout=20)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        holding.wait(timeout=20)
+        with pytest.raises(TransactionConflict) as info, postgres.transaction() as tx:
+            tx.connection.exec_driver_sql("SET LOCAL statement_timeout = 200")
+            tx.require_case("held", for_update=True)
+        assert info.value.detail == "statement timeout or cancel"
+    finally:
+        done.set()
+        holder.join()
+
+
 def test_lists_and_due_timers_use_the_partial_indexes(tmp_path: Path) -> None:
     """SQLite uses a partial index only when the query implies its condition: check the
     plans of the real queries (bound parameters included)."""

@@ -164,8 +164,15 @@ _PG_RETRYABLE = {
     "40001": "serialization failure",
     "40P01": "deadlock",
     "55P03": "lock not available",
+    "57014": "statement timeout or cancel",
 }
 _MYSQL_RETRYABLE = {1213: "deadlock", 1205: "lock wait timeout"}
+_MYSQL_NO_SAVEPOINT = 1305  # SAVEPOINT … does not exist
+
+
+def _mysql_code(orig: object) -> int | None:
+    args = getattr(orig, "args", ())
+    return args[0] if args and isinstance(args[0], int) else None
 _SQLITE_BUSY = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED
 
 
@@ -175,8 +182,17 @@ def _retryable(fam: str, exc: DBAPIError) -> str | None:
     if fam == "postgresql":
         return _PG_RETRYABLE.get(str(getattr(orig, "sqlstate", "") or ""))
     if fam == "mysql":
-        args = getattr(orig, "args", ())
-        code = args[0] if args and isinstance(args[0], int) else None
+        code = _mysql_code(orig)
+        if code == _MYSQL_NO_SAVEPOINT:
+            # InnoDB rolls back the whole transaction on a deadlock or lock wait timeout
+            # (its savepoints too); under a host transaction the rollback to our savepoint
+            # then fails and hides the cause, which is the exception it interrupted
+            cause = exc.__context__
+            while cause is not None and not isinstance(cause, DBAPIError):
+                cause = cause.__context__
+            first = _MYSQL_RETRYABLE.get(_mysql_code(cause.orig) or 0) if cause else None
+            return (f"{first or 'aborted'}: the database rolled back the whole transaction, "
+                    "the host's work included")
         return None if code is None else _MYSQL_RETRYABLE.get(code)
     if isinstance(orig, sqlite3.OperationalError) and (
         getattr(orig, "sqlite_errorcode", None) in _SQLITE_BUSY or "locked" in str(orig)
