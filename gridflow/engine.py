@@ -1158,6 +1158,8 @@ class Engine:
         when = now if now is not None else self._now()
         if when.tzinfo is None or when.utcoffset() is None:
             raise _invalid("now", "must be timezone-aware")
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise _invalid("limit", "must be a positive integer")  # (0 would never end)
         policy = self.policy
         workflow = self.workflow(policy)
         fired: list[EventRecord] = []

@@ -78,10 +78,6 @@ class Registry:
     def tier_rank(self, tier: str) -> int:
         return self.tiers.index(tier)
 
-    def tier_above(self, tier: str) -> str | None:
-        i = self.tiers.index(tier)
-        return self.tiers[i + 1] if i + 1 < len(self.tiers) else None
-
     def unit_for_tier(self, unit_id: str, tier: str) -> str | None:
         """The case location's ancestor at the tier's level (None if the tier is no level)."""
         return self.units[unit_id].ancestry.get(tier)

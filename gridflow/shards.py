@@ -196,8 +196,12 @@ def _work(conn: _Pipe) -> None:
         with tuned_gc():
             _serve(conn, run, store, seen)
     except BaseException:  # the parent raises it, with the worker's traceback
-        with contextlib.suppress(OSError):
-            conn.send(("error", traceback.format_exc()))
+        text = traceback.format_exc()
+        try:
+            conn.send(("error", text))
+        except OSError:  # the parent is gone or its pipe broken: say it here at least
+            sys.stderr.write(text)
+            raise SystemExit(1) from None
 
 
 def _serve(conn: _Pipe, run: LifecycleReplay, store: Store | None,

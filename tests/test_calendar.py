@@ -575,6 +575,29 @@ def test_wall_clock_units_are_timedelta_additions(start: datetime, x: float) -> 
     assert CAL.add(start, Duration(x, "days")) == start + timedelta(days=x)
 
 
+@pytest.mark.parametrize(
+    ("start", "duration", "due"),
+    [
+        # spring forward (02:00 → 03:00): 2 hours elapsed end at 04:00 local, not 03:00
+        ("2026-03-29T01:00:00+01:00", Duration(2, "hours"), "2026-03-29T04:00:00+02:00"),
+        ("2026-03-29T01:30:00+01:00", Duration(60, "minutes"), "2026-03-29T03:30:00+02:00"),
+        # fall back (03:00 → 02:00): 2 hours after 01:30 summer time is 02:30 winter time
+        ("2026-10-25T01:30:00+02:00", Duration(2, "hours"), "2026-10-25T02:30:00+01:00"),
+        # a day keeps the local time of day (23 or 25 hours elapsed)
+        ("2026-03-28T09:00:00+01:00", Duration(1, "days"), "2026-03-29T09:00:00+02:00"),
+        ("2026-10-24T09:00:00+02:00", Duration(1, "days"), "2026-10-25T09:00:00+01:00"),
+    ],
+)
+def test_wall_clock_units_across_a_daylight_saving_change(
+    start: str, duration: Duration, due: str
+) -> None:
+    """A policy's zone may have daylight saving (Asia/Shanghai has none): hours and
+    minutes are elapsed time, days the same local time."""
+    berlin = BusinessCalendar(timezone="Europe/Berlin")
+    got = berlin.add(datetime.fromisoformat(start), duration)
+    assert got.isoformat() == due
+
+
 @given(st.datetimes(min_value=datetime(2004, 1, 2), max_value=datetime(2026, 12, 30)), hours)
 @settings(max_examples=50)
 def test_naive_datetime_rejected(naive: datetime, amount: float) -> None:

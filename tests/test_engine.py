@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -579,13 +580,14 @@ def test_defer_resume_cancel(engine: Engine) -> None:
 def test_worklists_and_queries(engine: Engine, clock: ManualClock) -> None:
     a = to_state(engine, "handling")
     b = to_state(engine, "dispatched", "01-goods-on-sidewalk")
-    to_state(engine, "evaluated")
+    c = to_state(engine, "evaluated")
     assert [v.id for v in engine.worklist(department="district-civil")] == [a]
     assert [v.id for v in engine.worklist(pool="patrol")] == [b]
     assert [v.id for v in engine.worklist(handler="h-1")] == [a]
     assert [v.id for v in engine.worklist(unit="qdj-g3")] == [b]
-    assert {v.id for v in engine.worklist(states=["evaluated"])} == {
-        v.id for v in engine.worklist(states=["evaluated"])}
+    assert [v.id for v in engine.worklist(states=["evaluated"])] == [c]
+    assert {v.id for v in engine.worklist(states=["dispatched", "handling"])} == {a, b}
+    assert c not in {v.id for v in engine.worklist()}  # the default: open cases only
     assert engine.overdue() == []
     assert [v.id for v in engine.near_due("2wh")] == [b]  # due 11:00, now 09:00
     clock.advance(hours=3)
@@ -614,6 +616,31 @@ def test_tick_warns_then_marks_overdue_once(engine: Engine, clock: ManualClock) 
     assert engine.get(cid).overdue
     assert engine.get(cid).tier == "district"  # wujin does not escalate on overdue
     assert_consistent(engine, cid)
+
+
+def test_tick_refuses_a_limit_that_would_never_end(engine: Engine) -> None:
+    """``limit`` below 1 claimed nothing forever inside a batch; it is refused, in a batch
+    and out of one, by the engine and by the store, and nothing fires."""
+    cid = to_state(engine, "handling")
+    warn_at = engine.get(cid).warn_at
+    assert warn_at is not None
+    for bad in (0, -5, True, 1.5):
+        for batched in (False, True):
+            with (engine.batch() if batched else contextlib.nullcontext(),
+                  pytest.raises(CaseValidationError) as info):
+                engine.tick(warn_at, limit=bad)  # type: ignore[arg-type]
+            assert info.value.fields == ("limit",)
+            assert str(info.value).startswith("invalid argument: limit: ")
+        with engine.batch() as uow, pytest.raises(CaseValidationError) as info:
+            uow.claim_due_timers(warn_at, bad)  # type: ignore[arg-type]
+        assert str(info.value).startswith("store: invalid input: limit: ")
+        with engine.store.transaction() as tx, pytest.raises(CaseValidationError) as info:
+            tx.claim_due_timers(warn_at, bad)  # type: ignore[arg-type]
+        assert str(info.value).startswith("store: invalid input: limit: ")
+    with engine.batch() as uow, pytest.raises(CaseValidationError) as info:
+        uow.set_timers(cid, [("warn", warn_at.replace(tzinfo=None))])
+    assert info.value.fields == ("timers[0].due_at",)  # as the store outside a batch
+    assert [e.type for e in engine.tick(warn_at)] == ["warn"]  # nothing was used up
 
 
 def test_tick_ignores_finished_cases(engine: Engine) -> None:

@@ -4,8 +4,11 @@ hand; batch mode = command by command; deterministic reports; what-if comparison
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -359,6 +362,19 @@ def test_same_inputs_give_byte_identical_reports(
     b = to_json(replay(WUJIN, LogReader(log, policy=WUJIN), compare=changed_policy))
     assert a == b
     assert json.loads(a)["gridflow_replay"] == 1
+    # and in other processes, whose str hashes differ (an order that followed hash() —
+    # a set of department names, say — would show here, not within one process)
+    outs = []
+    for seed in ("1", "2"):
+        out = tmp_path / f"seed{seed}.json"
+        subprocess.run(
+            [sys.executable, "-m", "gridflow", "replay", str(WUJIN_DIR), str(log), "--compare",
+             str(changed_policy.root), "--json", str(out)],
+            check=True, capture_output=True, env={**os.environ, "PYTHONHASHSEED": seed},
+        )
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
+    assert json.loads(outs[0])["lifecycle"] == json.loads(a)["lifecycle"]
 
 
 def test_compare_reports_what_changes(log600: Path, changed_policy: Policy) -> None:

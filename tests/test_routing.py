@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import tempfile
 from dataclasses import replace
@@ -216,6 +217,33 @@ def test_category_time_limit_is_inherited_when_rule_sets_none(mini: Policy) -> N
 def test_broadcast_reaches_every_grid_of_the_street(mini: Policy) -> None:
     d = mini.route({"category": "S01-01", "location": "g2", "description": "老人走失"})
     assert d.notify[0].units == ["g1", "g2", "g3", "g4"]
+
+
+def test_broadcast_stays_within_the_case_s_own_unit(tmp_path: Path) -> None:
+    """With two streets, ``within: street`` reaches the grids of the case's street only;
+    ``within: community`` those of its community; no ``within``, every grid."""
+    org = copy.deepcopy(gs.ORGANISATION)
+    org["units"][0]["children"].append({
+        "id": "s2", "name": "丁堰街道", "level": "street", "children": [
+            {"id": "c3", "name": "东方社区", "level": "community", "children": [
+                {"id": "g5", "name": "第五网格", "level": "grid"},
+                {"id": "g6", "name": "第六网格", "level": "grid"}]}]})
+    content = _policy("two-streets", [{"id": "main", "hit": "collect", "rules": [
+        {"id": f"to-{within or 'all'}", "when": {"category": "S01-01"},
+         "then": {"lead": "centre", "notify": [
+             {"broadcast": "grid", **({"within": within} if within else {})}]}}
+        for within in ("street", "community", None)]}])
+    content["organisation"] = org
+    policy = _load(content, tmp_path)
+
+    def reached(location: str) -> list[list[str]]:
+        d = policy.route({"category": "S01-01", "location": location, "description": "走失"})
+        return [n.units for n in d.notify]
+
+    everywhere = ["g1", "g2", "g3", "g4", "g5", "g6"]
+    assert reached("g2") == [["g1", "g2", "g3", "g4"], ["g1", "g2"], everywhere]
+    assert reached("g3") == [["g1", "g2", "g3", "g4"], ["g3", "g4"], everywhere]
+    assert reached("g6") == [["g5", "g6"], ["g5", "g6"], everywhere]
 
 
 @pytest.mark.parametrize("case", [

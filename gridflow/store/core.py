@@ -295,8 +295,8 @@ def _validate_events(events: Sequence[NewEvent], errors: list[FieldError]) -> No
 
 
 def _raise_invalid(errors: list[FieldError]) -> None:
-    if errors:
-        raise CaseValidationError(errors, source="store")
+    if errors:  # (a record's fields or a call's arguments: "input", not "case")
+        raise CaseValidationError(errors, source="store", subject="input")
 
 
 def _case_from_row(row: Sequence[Any]) -> CaseRecord:

@@ -46,11 +46,18 @@ import sqlalchemy as sa
 from gridflow.errors import (
     CaseNotFound,
     ConcurrencyConflict,
+    FieldError,
     GridflowError,
     GridflowRuntimeError,
 )
 from gridflow.history import History
-from gridflow.store.core import IdempotencyConflict, Store, StoreTx
+from gridflow.store.core import (
+    IdempotencyConflict,
+    Store,
+    StoreTx,
+    _check_time,
+    _raise_invalid,
+)
 from gridflow.store.records import CaseRecord, EventRecord, NewEvent, TimerRecord
 from gridflow.store.statements import intake_values
 
@@ -466,10 +473,12 @@ class UnitOfWork:
         if not entry.owned:
             self._own(case_id, entry)
         self._touch(case_id)
+        errors: list[FieldError] = []
+        for i, (_kind, due) in enumerate(timers):
+            _check_time(errors, f"timers[{i}].due_at", due, required=True)
+        _raise_invalid(errors)  # (as the store outside a batch)
         wanted: dict[Pair, None] = {}
         for kind, due in timers:
-            if due.tzinfo is None or due.utcoffset() is None:
-                raise GridflowRuntimeError("timers need timezone-aware due times")
             pair = (kind, due.astimezone(UTC))
             if pair not in entry.fired:
                 wanted[pair] = None
@@ -482,6 +491,11 @@ class UnitOfWork:
     def claim_due_timers(self, now: datetime, limit: int = 100) -> list[TimerRecord]:
         """Due timers: those of the working set are claimed in memory, the others in the
         database (only when it has some due)."""
+        errors: list[FieldError] = []
+        _check_time(errors, "now", now, required=True)
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            errors.append(FieldError("limit", "must be a positive integer"))
+        _raise_invalid(errors)  # (as the store outside a batch)
         claimed: list[TimerRecord] = []
         heap = self._heap
         when = now.astimezone(UTC)
