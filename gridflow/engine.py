@@ -929,8 +929,33 @@ class Engine:
         return self._run(case_id, actor, "defer", reason)
 
     def resume(self, case_id: str, actor: Actor, *, note: str | None = None) -> CaseView:
-        """恢复处理 (``deferred → handling``)."""
-        return self._run(case_id, actor, "resume", note, reason_field="note")
+        """恢复处理 (``deferred → handling``). The time the case was deferred does not count
+        against it: the deadline (and a warning not yet given) moves by the paused time,
+        in the time limit's kind of time, as scoring reckons it; timers are re-planned."""
+
+        def effect(c: _Ctx) -> tuple[dict[str, Any], list[NewEvent]]:
+            since, due = parse_time(c.proj["deferred_at"]), parse_time(c.proj["due_at"])
+            if since is None or due is None or c.now <= since:
+                return {}, []
+            limit = c.proj["time_limit"]
+            cal = c.calendar
+            if parse_duration(limit).is_working if limit else True:
+                paused = Duration(max(cal.working_hours_between(since, c.now), 0.0),
+                                  "working_hours")
+            else:
+                paused = Duration((c.now - since).total_seconds() / 60.0, "minutes")
+            if paused.amount <= 0:
+                return {}, []
+            new_due = cal.add(due, paused)
+            warn = parse_time(c.proj["warn_at"])
+            new_warn = cal.add(warn, paused) if warn is not None else None
+            return {"paused": str(paused), "previous_due_at": c.proj["due_at"],
+                    "due_at": iso(new_due), "warn_at": iso(new_warn) if new_warn else None,
+                    "overdue": bool(c.proj["overdue"]) and new_due <= c.now,
+                    "warned": bool(c.proj["warned"]) and (new_warn is None
+                                                          or new_warn <= c.now)}, []
+
+        return self._run(case_id, actor, "resume", note, effect, reason_field="note")
 
     # -- step 5: feedback -------------------------------------------------------------
 

@@ -244,6 +244,11 @@ def _defer(s: dict[str, Any], e: EventLike, p: Mapping[str, Any], at: str) -> No
 
 def _resume(s: dict[str, Any], e: EventLike, p: Mapping[str, Any], at: str) -> None:
     s["deferred_at"] = None
+    if "due_at" in p:  # the deadline moved by the paused time
+        s["due_at"] = p["due_at"]
+        s["warn_at"] = p.get("warn_at")
+        s["warned"] = bool(p.get("warned"))
+        s["overdue"] = bool(p.get("overdue"))
 
 
 def _rework(s: dict[str, Any], e: EventLike, p: Mapping[str, Any], at: str) -> None:

@@ -252,6 +252,7 @@ class _Fold:
         self.due: datetime | None = None
         self.pause_start: datetime | None = None
         self.paused_round = 0.0  # paused time in the deadline's kind of time
+        self.paused_in_due = 0.0  # of which the engine already moved ``due`` by
         self.paused_handling = 0.0  # paused working hours in the handling round
         self.handling = 0.0
         self.closures = 0
@@ -266,17 +267,19 @@ class _Fold:
         return (b - a).total_seconds() / 3600.0
 
     def effective_due(self) -> datetime | None:
-        if self.due is None or self.paused_round <= 0:
+        extra = self.paused_round - self.paused_in_due
+        if self.due is None or extra <= 0:
             return self.due
         if self.working:
-            return self.cal.add(self.due, Duration(self.paused_round, "working_hours"))
-        return self.due + timedelta(hours=self.paused_round)
+            return self.cal.add(self.due, Duration(extra, "working_hours"))
+        return self.due + timedelta(hours=extra)
 
     def new_round(self, at: datetime, due: datetime | None, limit: Any) -> None:
         self.round_start = at
         self.due = due
         self.working = _is_working(limit)
         self.paused_round = 0.0
+        self.paused_in_due = 0.0  # paused time the engine already moved ``due`` by
 
     def apply(self, ev: HistoryEvent) -> None:
         f, p = self.f, ev.payload
@@ -352,7 +355,12 @@ class _Fold:
         self.pause_start = ev.at
 
     def _resume(self, ev: HistoryEvent, f: dict[str, Any], p: Mapping[str, Any]) -> None:
+        start = self.pause_start
         self.end_pause(ev.at)
+        due = _opt_time(p.get("due_at"))
+        if due is not None and start is not None:  # the engine moved the deadline itself
+            self.due = due
+            self.paused_in_due += max(self.measure(start, ev.at), 0.0)
 
     def _summon(self, ev: HistoryEvent, f: dict[str, Any], p: Mapping[str, Any]) -> None:
         self.summoned += [d for d in p.get("departments", []) if d not in self.summoned]
@@ -370,6 +378,7 @@ class _Fold:
         self.new_round(at, _opt_time(p.get("due_at")), f.get("limit"))
         self.handling_start = at
         self.paused_handling = 0.0
+        self.exempt = []  # an upheld score appeal covered the evaluation it contested
 
     def _close(self, ev: HistoryEvent, f: dict[str, Any], p: Mapping[str, Any]) -> None:
         self.close(ev.at, p)
@@ -389,9 +398,9 @@ class _Fold:
         self.end_pause(at)
         share = 0.0
         if self.due is not None and self.round_start is not None:
-            over = self.measure(self.due, at) - self.paused_round
+            over = self.measure(self.due, at) - (self.paused_round - self.paused_in_due)
             if over > 0:
-                allowed = self.measure(self.round_start, self.due)
+                allowed = self.measure(self.round_start, self.due) - self.paused_in_due
                 share = over / allowed if allowed > 0 else math.inf
         self.worst = max(self.worst, share)
         if self.handling_start is not None:

@@ -267,7 +267,17 @@ def test_deferral_stops_the_clock_and_lowers_resolution(desk: Desk) -> None:
     f = desk.facts(cid)
     assert (f.deferred, f.filed, f.closed) == (True, True, False)
     assert not f.should_close(at(13, 12))  # deferred cases are out of the disposal rates
-    desk.at(at(10, 9)).engine.resume(cid, DUTY)
+    before = desk.engine.get(cid)
+    view = desk.at(at(10, 9)).engine.resume(cid, DUTY)
+    # the engine moves the deadline by the paused time too (Monday 14:30 → Tuesday 12:00),
+    # so supervision agrees with the score: not overdue at 09:30, no warning fired then
+    assert (before.due_at, view.due_at) == (at(9, 14, 30), at(10, 12))
+    assert desk.facts(cid).due_at == view.due_at
+    assert desk.engine.overdue(at(10, 9, 30)) == []
+    assert [e.type for e in desk.engine.tick(at(10, 9, 30))] == []
+    with desk.engine.store.transaction(readonly=True) as tx:  # re-armed at the new times
+        armed = sorted(t.due_at for t in tx.timers(cid) if t.fired_at is None)
+    assert armed == sorted(t for t in (view.warn_at, view.due_at) if t is not None)
     desk.close(cid, at(10, 11))
     f = desk.facts(cid)
     assert (f.ever_deferred, f.deferred, f.on_time, f.resolution) == (True, False, True,
@@ -420,6 +430,24 @@ def test_close_resolution_sets_the_resolution_criterion(
     assert (f.on_time, f.resolution, f.ever_deferred) == (True, resolution, False)
     assert criteria(desk, cid) == {"timeliness": 1.0, "resolution": value, "quality": 1.0,
                                    "satisfaction": 1.0, "composite": composite}
+
+
+def test_a_score_exemption_covers_the_evaluation_it_contested_not_a_reopened_round(
+    desk: Desk,
+) -> None:
+    """Late and exempted (暴雨): timeliness full. The resident reopens it; the second round
+    is closed Wednesday, far past its new deadline: that lateness counts (the exemption was
+    for the first round), and the case is no longer on time."""
+    cid = desk.simple("QSY-13", at(9, 16, 30))
+    desk.at(at(9, 17)).engine.appeal(cid, desk.handler(cid), "score", "暴雨导致清运延误",
+                                     criteria=["timeliness"])
+    desk.at(at(10, 9)).engine.decide_appeal(cid, REVIEWER, upheld=True)
+    assert (desk.facts(cid).exempt, desk.facts(cid).on_time) == (("timeliness",), True)
+    desk.at(at(10, 10)).engine.reopen(cid, RESIDENT, "垃圾又堆起来了")
+    desk.close(cid, at(11, 17))
+    f = desk.facts(cid)
+    assert (f.exempt, f.on_time, f.reopens) == ((), False, 1)
+    assert criteria(desk, cid)["timeliness"] < 1.0
 
 
 def test_resident_appeal_reopens_and_counts_as_rework(desk: Desk) -> None:
