@@ -322,10 +322,13 @@ def _store(db_url: str, *, prefix: str, schema: str | None, outbox: bool = True)
               help="Write the report as JSON ('-': to stdout, instead of the tables).")
 @click.option("--html", "html_out", type=click.Path(dir_okay=False), metavar="OUT",
               help="Write the report as one self-contained HTML file.")
+@click.option("--timezone", "zone", default=None, metavar="ZONE",
+              help="The organisation's time zone for periods and rankings when no --policy "
+                   "gives it (default: Asia/Shanghai).")
 @_table_options
 def report(db_url: str, policy_dir: str | None, period: str | None, by: str,
            as_of: str | None, json_out: str | None, html_out: str | None,
-           prefix: str = "gf_", schema: str | None = None) -> None:
+           zone: str | None = None, prefix: str = "gf_", schema: str | None = None) -> None:
     """Indicators, rankings and scores of the cases in a database (see docs/scoring.md)."""
     from datetime import datetime
 
@@ -348,6 +351,18 @@ def report(db_url: str, policy_dir: str | None, period: str | None, by: str,
             raise click.BadParameter("give a UTC offset, e.g. 2026-03-31T18:00:00+08:00",
                                      param_hint="--as-of")
     policy = _load(policy_dir, report=_err) if policy_dir else None
+    if zone is not None:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(zone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise click.BadParameter(f"unknown time zone {zone!r}",
+                                     param_hint="--timezone") from None
+        if policy is not None and zone != policy.registry.timezone:
+            raise click.BadParameter(
+                f"the policy's time zone is {policy.registry.timezone}: leave --timezone out",
+                param_hint="--timezone")
     try:
         grouping(by, policy.registry if policy is not None else None)
     except ValueError as exc:
@@ -366,7 +381,7 @@ def report(db_url: str, policy_dir: str | None, period: str | None, by: str,
             refresh(store, policy)
             source = StoreSource.from_policy(store, policy)
         elif has_aggregate_rows(store):
-            source = StoreSource(store)
+            source = StoreSource(store, timezone=zone) if zone else StoreSource(store)
         else:
             _err.print("no scores in the database yet: pass --policy DIR to compute them",
                        markup=False)

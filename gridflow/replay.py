@@ -577,6 +577,11 @@ class _Cast:
             self.roles[trigger] = next((r for r in preferred if r in allowed),
                                        allowed[0] if allowed else preferred[0])
         roles = graph.roles
+        # who resolves a matter on the spot: the grid's own department, when the policy
+        # has exactly one at the lowest tier (else the routing decides, as for any case)
+        reg = engine.policy.registry
+        lowest = [d for d, info in reg.departments.items() if info.tier == reg.tiers[0]]
+        self.on_spot_department = lowest[0] if len(lowest) == 1 else None
         self.reporter_role = "grid_worker" if "grid_worker" in roles else roles[0]
         self.intake_role = "clerk" if "clerk" in roles else self.reporter_role
         self._actors: dict[tuple[str, str | None], Actor] = {}  # (trigger, dept or unit)
@@ -1031,7 +1036,8 @@ class LifecycleReplay(_Counted):
             return e.report(rec.case, cast.reporter(rec.case))
         if what == "report_on_spot":
             actor = cast.reporter(rec.case)
-            actor = Actor(actor.id, cast.roles["resolve_on_spot"], unit=actor.unit)
+            actor = Actor(actor.id, cast.roles["resolve_on_spot"], unit=actor.unit,
+                          department=cast.on_spot_department)
             return e.report(rec.case, actor, on_spot=True, evidence=[f"replay:row {rec.row}"])
         view = oc.view
         assert view is not None

@@ -219,7 +219,7 @@ def _hand_driven(policy: Policy, records: list[LogRecord]) -> Engine:
             elif what == "report_on_spot":
                 who = cast.reporter(rec.case)
                 engine.report(rec.case, Actor(who.id, cast.roles["resolve_on_spot"],
-                                              unit=who.unit),
+                                              unit=who.unit, department="grid-worker"),
                               on_spot=True, evidence=[f"replay:{row}"])
                 reported.append(cid)
             elif what == "file":
@@ -338,6 +338,26 @@ def test_lifecycle_replay_counts_indicators(log600: Path) -> None:
     assert doc["routing"]["with_actual"] > 500 and 0.85 < doc["routing"]["agreement"] < 1
 
 
+def test_a_matter_resolved_on_the_spot_is_the_grid_worker_s(log600: Path) -> None:
+    """The example district has one department at the grid tier (grid-worker): a case
+    the grid worker solved on the spot is theirs in the figures, whatever its category
+    would be routed to (a fire put out at once is not the fire brigade's case)."""
+    store = Store(outbox=False)
+    store.create_all()
+    run = LifecycleReplay(WUJIN, store)
+    records = [r for r in LogReader(log600, policy=WUJIN)]
+    on_spot = [r for r in records if r.on_spot]
+    assert len(on_spot) > 50
+    for rec in records:
+        run.feed(rec)
+    run.finish()
+    with store.transaction(readonly=True) as tx:
+        leads = {tx.require_case(str(r.case.id)).data["lead"] for r in on_spot}
+    assert leads == {"grid-worker"}
+    routed = {WUJIN.route(r.case).lead for r in on_spot}
+    assert len(routed) > 1  # (their routes differ: the department is not the route's)
+
+
 def test_replay_into_a_database_store(log600: Path, tmp_path: Path) -> None:
     store = Store(f"sqlite:///{tmp_path / 'replay.db'}", outbox=False)
     store.create_all()
@@ -394,8 +414,9 @@ def test_compare_reports_what_changes(log600: Path, changed_policy: Policy) -> N
     assert (garbage["before"]["time_limit"], garbage["after"]["time_limit"]) == ("4wh", "2wh")
     life = cmp_doc["lifecycle"]
     assert life["compared"] == 600
-    # cancelled cases never get a lead, returned ones end with another department
-    assert 0.9 * routing["changed"]["lead"] <= life["changed"]["lead"] <= routing["changed"][
+    # cancelled cases never get a lead, returned ones end with another department, the
+    # ones solved on the spot stay the grid worker's
+    assert 0.75 * routing["changed"]["lead"] <= life["changed"]["lead"] <= routing["changed"][
         "lead"]
     assert life["changed"]["due_at"] > 0
     moves = life["indicators"]

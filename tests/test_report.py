@@ -337,3 +337,44 @@ def test_cli_report_needs_scores_or_a_policy(district_db: str, tmp_path: Path) -
     empty.touch()
     result = CliRunner().invoke(main, ["report", "--db", f"sqlite:///{empty}"])
     assert result.exit_code == 1 and "no gridflow tables" in result.output
+
+
+def test_cli_report_without_the_policy_takes_its_time_zone_from_timezone(
+    tmp_path: Path,
+) -> None:
+    """A case reported at 00:30 on 1 April in Tokyo is April's there and March's in
+    Shanghai: without --policy the report reads periods in --timezone (default
+    Asia/Shanghai), as it does in the policy's zone with --policy."""
+    import shutil
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    from gridflow import Actor, load_policy
+
+    root = Path(shutil.copytree("examples/wujin", tmp_path / "tokyo"))
+    org = root / "organisation.yaml"
+    org.write_text(org.read_text("utf-8").replace("timezone: Asia/Shanghai",
+                                                  "timezone: Asia/Tokyo"), "utf-8")
+    policy = load_policy(root)
+    db = f"sqlite:///{tmp_path / 'tokyo.db'}"
+    store = Store(db)
+    store.create_all()
+    reported = datetime(2026, 4, 1, 0, 30, tzinfo=ZoneInfo("Asia/Tokyo"))
+    Engine(policy, store, ManualClock(reported)).report(
+        {"category": "E01-10", "location": "qdj-g3"}, Actor("gw-1", "grid_worker"))
+    store.dispose()
+
+    def reported_in(*args: str) -> int:
+        result = CliRunner().invoke(main, ["report", "--db", db, "--json", "-",
+                                           "--period", "2026-04", *args])
+        assert result.exit_code == 0, result.output
+        return int(json.loads(result.output)["totals"]["reported"])
+
+    assert reported_in("--policy", str(root)) == 1  # (this also stores the scores)
+    assert reported_in("--timezone", "Asia/Tokyo") == 1
+    assert reported_in() == 0  # read in Asia/Shanghai it is March's
+    bad = CliRunner().invoke(main, ["report", "--db", db, "--timezone", "Mars/Olympus"])
+    assert bad.exit_code == 2 and "unknown time zone" in bad.output
+    other = CliRunner().invoke(main, ["report", "--db", db, "--policy", str(root),
+                                      "--timezone", "Asia/Shanghai"])
+    assert other.exit_code == 2 and "leave --timezone out" in other.output
