@@ -153,8 +153,7 @@ def _schema_missing(fam: str, exc: DBAPIError) -> str | None:
     if fam == "postgresql":
         return text if str(getattr(orig, "sqlstate", "") or "") in _PG_SCHEMA else None
     if fam == "mysql":
-        args = getattr(orig, "args", ())
-        return text if args and args[0] in _MYSQL_SCHEMA else None
+        return text if _mysql_code(orig) in _MYSQL_SCHEMA else None
     if isinstance(orig, sqlite3.OperationalError) and any(m in text for m in _SQLITE_SCHEMA):
         return text
     return None
@@ -1549,9 +1548,7 @@ class Store:
                     yield holder[0]
         except (DBAPIError, sqlite3.Error) as exc:  # (the latter: the compiled SQLite path)
             self._failed(holder[0] if holder else None)
-            error = exc if isinstance(exc, DBAPIError) else DBAPIError.instance(
-                None, None, exc, sqlite3.Error)
-            conflict = self._conflict(error) if isinstance(error, DBAPIError) else None
+            conflict = self._conflict(exc)
             if conflict is not None:
                 raise conflict from exc
             raise
@@ -1571,13 +1568,20 @@ class Store:
         if self._cache is not None and tx is not None:
             self._cache.drop(tx._touched | set(tx._new_cached))
 
-    def _conflict(self, exc: DBAPIError) -> TransactionConflict | StoreSchemaError | None:
+    def _conflict(
+        self, exc: DBAPIError | sqlite3.Error
+    ) -> TransactionConflict | StoreSchemaError | None:
         """The gridflow error to raise instead of ``exc``, if it is one: a retryable
-        conflict, or a schema that is missing or behind."""
-        detail = _retryable(self.dialect_name, exc)
+        conflict, or a schema that is missing or behind. ``exc`` may come from the driver
+        itself (the compiled SQLite statements)."""
+        error = DBAPIError.instance(None, None, exc, sqlite3.Error) if isinstance(
+            exc, sqlite3.Error) else exc
+        if not isinstance(error, DBAPIError):
+            return None
+        detail = _retryable(self.dialect_name, error)
         if detail is not None:
             return TransactionConflict(detail)
-        missing = _schema_missing(self.dialect_name, exc)
+        missing = _schema_missing(self.dialect_name, error)
         return None if missing is None else StoreSchemaError(missing)
 
     def _after_fork(self) -> None:
